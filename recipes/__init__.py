@@ -1,0 +1,1 @@
+"""Training recipes built from advtrain's primitives (an importable package: submitit pickles by reference)."""

@@ -1,0 +1,386 @@
+"""AdvXL recipe configuration: frozen dataclasses, named presets, dotted command-line overrides.
+
+Stages are values (``dataclasses.replace``), not flags: a run is a tuple of :class:`Stage` s trained in order,
+each with its own resolution, token reducer, attack and sample budget. Schedules count samples seen.
+
+The paper's ImageNet-1K ViT-B/16 baseline (Wang et al., CVPR 2024, arXiv 2401.04727, Table 2):
+256M samples at 112 px with PGD-1, then 38.4M samples at 224 px with PGD-3, l_inf eps 4/255, step 4/255.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Reducer = Literal["none", "resize", "random_mask", "block_mask"]
+DataKind = Literal["digits", "folder", "wds", "tensors"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attack:
+    """The training attack (PGD-K under ``norm``; ``steps=0`` is standard training)."""
+
+    norm: Literal["linf", "l2", "l1"] = "linf"
+    eps: float = 4 / 255  # radius, pixels in [0, 1]
+    step_size: float = 4 / 255  # per-step length, same units
+    steps: int = 1  # PGD iterations; 0 = no attack (standard training)
+    random_start: bool = True
+
+    def __post_init__(self):
+        if self.eps < 0 or self.step_size <= 0 or self.steps < 0:
+            raise ValueError(f"attack needs eps >= 0, step_size > 0, steps >= 0; got {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One training stage: its input size, token reducer, attack and sample budget."""
+
+    name: str
+    samples: int  # training samples seen in this stage
+    img_size: int  # px; the model's input size in this stage (resize reducer) or the full size (masks)
+    reducer: Reducer = "none"  # resize: images are resized to img_size; masks keep keep_ratio of the tokens
+    keep_ratio: float = 1.0  # for random_mask / block_mask
+    attack: Attack = field(default_factory=Attack)
+    warmup_samples: int = 0  # linear lr warmup at the start of the stage
+    lr: float | None = None  # peak lr of the stage (default: optim.lr)
+    eps_warmup_samples: int = 0  # linear eps ramp from 0 at the start of the stage (training from scratch)
+
+    def __post_init__(self):
+        if self.samples <= 0 or self.img_size <= 0:
+            raise ValueError(f"stage {self.name!r} needs samples > 0 and img_size > 0")
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"stage {self.name!r}: keep_ratio must be in (0, 1]; got {self.keep_ratio}")
+        if self.reducer in ("random_mask", "block_mask") and self.keep_ratio == 1:
+            raise ValueError(f"stage {self.name!r}: a {self.reducer} stage needs keep_ratio < 1")
+        if self.warmup_samples < 0 or self.warmup_samples > self.samples:
+            raise ValueError(f"stage {self.name!r}: warmup_samples must be in [0, samples]")
+        if self.eps_warmup_samples < 0 or self.eps_warmup_samples > self.samples:
+            raise ValueError(f"stage {self.name!r}: eps_warmup_samples must be in [0, samples]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    name: str = "vit_base_patch16_224"  # any timm ViT (tiny to giant) or ConvNeXt
+    num_classes: int = 1000
+    drop_path: float = 0.1
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. embed_dim for tiny ViTs)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Optim:
+    lr: float = 1e-3  # peak AdamW learning rate for batch_size (scale it yourself for other batches)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = 1.0  # max gradient norm
+    ema_decay: float | None = None  # e.g. 0.9999; None: no EMA
+
+
+@dataclass(frozen=True, kw_only=True)
+class Augment:
+    randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment config string; None: off
+    mixup: float = 0.8  # MixUp alpha; 0: off
+    cutmix: float = 1.0  # CutMix alpha; 0: off
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop scale; (1, 1): no crop
+    hflip: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Data:
+    kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
+    #                            wds: WebDataset shards (image + cls [+ txt])
+    path: str | None = None  # root folder (folder: holds train/ and val/; wds: holds manifest.json or *.tar*)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 256  # global batch (split over ranks)
+    num_workers: int = 4
+    val_samples: int | None = None  # evaluate on at most this many validation samples
+    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipText:
+    """CLIP-text mode: contrast image features with a frozen text tower's caption features (AdvXL Sec. 3.3)."""
+
+    tower: str = "ViT-H-14-CLIPA"  # open_clip model name
+    pretrained: str | None = "datacomp1b"  # open_clip pretrained tag; None: random init (tests)
+    templates: tuple[str, ...] = ("a photo of a {}.",)  # for the zero-shot evaluation classifier
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eval:
+    eps: float = 4 / 255
+    pgd_steps: int = 20
+    pgd_step_size: float = 1 / 255
+    autoattack_samples: int = 0  # 0: no AutoAttack; else a fixed subset of this many validation samples
+    img_size: int | None = None  # evaluation resolution (default: the last stage's)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    out_dir: str = "runs/advxl"
+    seed: int = 0
+    precision: Precision = "bf16"
+    compile: bool = False
+    checkpoint_every: int = 1_000_000  # samples between checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 50  # steps between metric lines
+    compare_standard: bool = False  # also train the same model with no attack and report both
+    device: str | None = None  # default: cuda if available, else cpu
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: Model = field(default_factory=Model)
+    optim: Optim = field(default_factory=Optim)
+    augment: Augment = field(default_factory=Augment)
+    data: Data = field(default_factory=Data)
+    stages: tuple[Stage, ...] = ()
+    eval: Eval = field(default_factory=Eval)
+    run: Run = field(default_factory=Run)
+    clip_text: ClipText | None = None
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages is empty: give at least one Stage")
+        sizes = [s.img_size for s in self.stages]
+        if sizes != sorted(sizes):
+            raise ValueError(f"stages must go from coarse to fine (non-decreasing img_size); got {sizes}")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique; got {names}")
+        if self.data.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be > 0; got {self.data.batch_size}")
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ------------------------------------------------------------------------------------------------ (de)serialization
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Builds a (nested) config dataclass from plain data, as produced by ``dataclasses.asdict``."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"cannot read {value!r} as {tp}")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        return tuple(_coerce(a, v) for a, v in zip(args, value))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{value!r} is not one of {args}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise TypeError(f"expected an int; got {value!r}")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise TypeError(f"expected {tp.__name__}; got {value!r}")
+    return value
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+
+
+def override(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """Applies ``dotted.key=value`` overrides (values parsed as JSON, else kept as strings).
+
+    ``stages.1.samples=1000`` indexes the stage tuple; ``stages=[...]`` replaces it whole.
+
+    Example:
+        >>> cfg = override(PRESETS["embedded"](), ["optim.lr=0.01", "stages.0.attack.steps=2"])
+        >>> cfg.optim.lr, cfg.stages[0].attack.steps
+        (0.01, 2)
+    """
+    data = json.loads(cfg.to_json())  # tuples become lists, so stages.N indexes work
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            try:
+                node = node[int(p)] if isinstance(node, list) else node[p]
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"override {key!r}: no field {p!r}") from None
+            if node is None:
+                raise ValueError(f"override {key!r}: {p!r} is None in this preset; set it whole first")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        elif last not in node:
+            raise ValueError(f"override {key!r}: no field {last!r} (have {sorted(node)})")
+        else:
+            node[last] = value
+    return from_dict(TrainConfig, data)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def two_stage(*, coarse_samples: int, fine_samples: int, coarse_size: int, fine_size: int,
+              warmup: int = 0, reducer: Reducer = "resize", keep_ratio: float = 1.0) -> tuple[Stage, ...]:
+    """AdvXL's coarse-to-fine schedule: PGD-1 on reduced inputs, then PGD-3 at full size (step 4/255)."""
+    return (
+        Stage(name="coarse", samples=coarse_samples, img_size=coarse_size, reducer=reducer, keep_ratio=keep_ratio,
+              attack=Attack(steps=1, step_size=4 / 255), warmup_samples=warmup),
+        Stage(name="fine", samples=fine_samples, img_size=fine_size, attack=Attack(steps=3, step_size=4 / 255),
+              warmup_samples=min(warmup, fine_samples) // 4),
+    )
+
+
+def embedded() -> TrainConfig:
+    """The README's main job: a tiny ViT on scikit-learn's bundled digits, coarse 16 px then fine 32 px.
+
+    No download; about 2-3 minutes on 2 CPU cores including the standard-trained comparison model.
+    The 8x8 digits are upsampled to 32 px (patch 4: 64 tokens); the coarse stage resizes to 16 px (16 tokens,
+    25%, as AdvXL's 224 -> 112). eps 8/255... is too small for 8x8 digits; eps 0.1 (25.5/255) is used.
+    """
+    eps = 0.1
+    return TrainConfig(
+        model=Model(name="vit_tiny_patch16_224", num_classes=10, drop_path=0.0,
+                    kwargs=dict(patch_size=4, embed_dim=96, depth=4, num_heads=3, img_size=32),
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        optim=Optim(lr=2e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
+        augment=Augment(randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(1.0, 1.0),
+                        hflip=False),
+        data=Data(kind="digits", batch_size=64, num_workers=0),
+        stages=(
+            Stage(name="coarse", samples=24_000, img_size=16, reducer="resize",
+                  attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=2_000),
+            Stage(name="fine", samples=6_000, img_size=32,
+                  attack=Attack(eps=eps, step_size=eps / 2, steps=3), warmup_samples=500),
+        ),
+        eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=eps / 8),
+        run=Run(out_dir="runs/advxl-embedded", precision="fp32", checkpoint_every=10_000, log_every=50,
+                compare_standard=True, threads=1),
+    )
+
+
+def imagenette224(path: str = "../shared/datasets/imagenette224") -> TrainConfig:
+    """ViT-S/16 on Imagenette (10 ImageNet classes, 224 px WebDataset shards), 112 px PGD-1 then 224 px PGD-3."""
+    return TrainConfig(
+        model=Model(name="vit_small_patch16_224", num_classes=10, drop_path=0.1),
+        optim=Optim(lr=1e-3, weight_decay=0.05, ema_decay=None),
+        augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
+        data=Data(kind="wds", path=path, train_split="train", val_split="val", batch_size=128, num_workers=8,
+                  in_memory=True),
+        stages=two_stage(coarse_samples=240_000, fine_samples=36_000, coarse_size=112, fine_size=224, warmup=15_000),
+        run=Run(out_dir="runs/advxl-imagenette", checkpoint_every=60_000),
+    )
+
+
+def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
+    """ViT-Ti/4 on CIFAR-10 shards at 32 px, 16 px PGD-1 then 32 px PGD-3, eps 8/255 (CIFAR convention)."""
+    eps = 8 / 255
+    return TrainConfig(
+        model=Model(name="vit_tiny_patch16_224", num_classes=10, drop_path=0.1,
+                    kwargs=dict(patch_size=4, img_size=32), mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2471, 0.2435, 0.2616)),
+        optim=Optim(lr=1e-3, weight_decay=0.05),
+        augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, crop_scale=(0.6, 1.0)),
+        data=Data(kind="wds", path=path, train_split="train", val_split="test", batch_size=256, num_workers=8,
+                  in_memory=True),
+        stages=(
+            Stage(name="coarse", samples=2_000_000, img_size=16, reducer="resize",
+                  attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=100_000),
+            Stage(name="fine", samples=500_000, img_size=32, attack=Attack(eps=eps, step_size=eps / 2, steps=3)),
+        ),
+        eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=2 / 255),
+        run=Run(out_dir="runs/advxl-cifar10", checkpoint_every=250_000),
+    )
+
+
+def imagenet_vit_b16(path: str = "/datasets/imagenet") -> TrainConfig:
+    """The paper's ImageNet-1K ViT-B/16 row (Table 2): 256M samples at 112 px + 38.4M at 224 px, batch 4096."""
+    return TrainConfig(
+        model=Model(name="vit_base_patch16_224", num_classes=1000, drop_path=0.1),
+        optim=Optim(lr=8e-4, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
+        augment=Augment(),
+        data=Data(kind="folder", path=path, batch_size=4096, num_workers=10, val_samples=None),
+        stages=two_stage(coarse_samples=256_000_000, fine_samples=38_400_000, coarse_size=112, fine_size=224,
+                         warmup=20 * 1_281_167),
+        eval=Eval(autoattack_samples=5000),
+        run=Run(out_dir="runs/advxl-imagenet-vit-b16", checkpoint_every=5_000_000),
+    )
+
+
+def imagenet_vit_l16(path: str = "/datasets/imagenet") -> TrainConfig:
+    """The paper's ImageNet-1K ViT-L/16 row (Table 2): the ViT-B/16 schedule with a larger model."""
+    base = imagenet_vit_b16(path)
+    return dataclasses.replace(base, model=Model(name="vit_large_patch16_224", num_classes=1000, drop_path=0.2),
+                               run=dataclasses.replace(base.run, out_dir="runs/advxl-imagenet-vit-l16"))
+
+
+PRESETS = {
+    "embedded": embedded,
+    "imagenette224": imagenette224,
+    "cifar10": cifar10,
+    "imagenet_vit_b16": imagenet_vit_b16,
+    "imagenet_vit_l16": imagenet_vit_l16,
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def check_consistency(cfg: TrainConfig) -> None:
+    """Cheap checks that need no model or data (the rest happen in ``train.validate``)."""
+    for s in cfg.stages:
+        if s.attack.steps and s.attack.eps == 0:
+            raise ValueError(f"stage {s.name!r} attacks with eps 0; set steps=0 for standard training")
+    if math.isnan(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0; got {cfg.optim.lr}")

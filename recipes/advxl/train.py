@@ -1,0 +1,914 @@
+"""AdvXL: coarse-to-fine adversarial training (Wang et al., CVPR 2024, arXiv 2401.04727), one readable file.
+
+Stage 1 trains long and cheap on reduced inputs (resize to 112 px, or random / block token masks) with PGD-1;
+stage 2 fine-tunes briefly at 224 px with PGD-3 (l_inf, eps 4/255, step 4/255). Schedules count samples seen.
+Optional CLIP-text mode contrasts image features with a frozen text tower's caption features (Sec. 3.3).
+
+Claim (embedded preset, 2 CPU cores, seed 0): a 4-layer ViT on scikit-learn's digits, 24k samples at 16 px
+with PGD-1 then 6k at 32 px with PGD-3, beats the same ViT trained without attacks on PGD-20 robust accuracy by
+a wide margin; see recipes/advxl/README.md for the measured table.
+
+Run it through ``python -m recipes.advxl.launch``; ``main(cfg)`` is the entry point for one process (DDP when
+``WORLD_SIZE > 1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm.auto import tqdm
+
+import advtrain
+from advtrain import pgd
+from advtrain.eval import autoattack, evaluate
+from advtrain.losses import cross_entropy
+from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
+from recipes.advxl.config import Stage, TrainConfig, check_consistency
+
+# ================================================================================================ setup
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    """Initializes torch.distributed from the environment (torchrun, submitit/SLURM) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local}") if want == "cuda" else torch.device(want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return Dist(rank, world, local, device)
+
+
+def step_generator(seed: int, step: int, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator for one step's randomness: a pure function of (seed, step, salt), so resume is exact."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
+    return g
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from any printable parts, the same in every process (Python's ``hash`` of a str is salted)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded_host_rng(seed: int):
+    """Seeds Python's and NumPy's global RNGs for the block (timm's augmentations use them), then restores them."""
+    py, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
+# ================================================================================================ data
+
+
+class ImageTensors(Dataset):
+    """In-memory ``(N, C, H, W)`` uint8 images with labels (and captions), augmented per sample.
+
+    Each sample's augmentation is seeded by (seed, epoch, index), independent of worker layout, so a resumed run
+    sees exactly the same augmented images as an uninterrupted one.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, captions: list[str] | None, *, transform=None, seed=0):
+        self.images, self.labels, self.captions = images, labels, captions
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (0, key)  # the training sampler yields (epoch, index)
+        img = self.images[i]
+        if self.transform is not None:
+            with seeded_host_rng(stable_seed(self.seed, epoch, i)):
+                img = self.transform(img, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i, 1)))
+        out = (img, self.labels[i])
+        return out + (self.captions[i],) if self.captions is not None else out
+
+
+class FolderImages(Dataset):
+    """ImageNet-style class folders (``root/<class>/<image>``) through torchvision's ImageFolder, as uint8."""
+
+    def __init__(self, root: str, *, size: int, transform=None, seed=0):
+        from torchvision.datasets import ImageFolder
+
+        self.inner = ImageFolder(root)
+        self.classes = self.inner.classes
+        self.size, self.transform, self.seed = size, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        img, label = self.inner[i]
+        x = resize(pil_to_tensor(img.convert("RGB")), [self.size, self.size], antialias=True)
+        if self.transform is not None:
+            with seeded_host_rng(stable_seed(self.seed, epoch, i)):
+                x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i, 1)))
+        return x, label
+
+
+class ShardStream(IterableDataset):
+    """Streams WebDataset shards (``.jpg|.png`` + ``.cls`` [+ ``.txt``]) endlessly, resumable mid-epoch.
+
+    Shards are dealt to ranks x workers in a per-epoch seeded order; samples are shuffled within each shard by a
+    seeded permutation. ``state_dict()`` (read by torchdata's StatefulDataLoader inside each worker) holds
+    (epoch, shard position, sample position), so a resumed stream continues at the next sample.
+    """
+
+    def __init__(self, shards: list[str], *, size: int, captions: bool, transform=None, seed=0, rank=0, world=1):
+        self.shards, self.size, self.captions = shards, size, captions
+        self.transform, self.seed, self.rank, self.world = transform, seed, rank, world
+        self.state = {"epoch": 0, "shard": 0, "sample": 0}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+    def _mine(self, epoch: int) -> list[str]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        mine = [self.shards[i] for i in order][self.rank * nw + wid :: self.world * nw]
+        if not mine:
+            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world * nw} readers (ranks x workers)")
+        return mine
+
+    def __iter__(self) -> Iterator:
+        from torchvision.transforms.functional import resize
+
+        while True:
+            epoch = self.state["epoch"]
+            mine = self._mine(epoch)
+            while self.state["shard"] < len(mine):
+                samples = _read_shard(mine[self.state["shard"]])
+                perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(
+                    stable_seed(self.seed, epoch, mine[self.state["shard"]]))).tolist()
+                while self.state["sample"] < len(perm):
+                    j = perm[self.state["sample"]]
+                    self.state["sample"] += 1
+                    key, img, label, caption = samples[j]
+                    x = resize(_decode(img), [self.size, self.size], antialias=True)
+                    if self.transform is not None:
+                        with seeded_host_rng(stable_seed(self.seed, epoch, key)):
+                            x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, key, 1)))
+                    yield (x, label, caption) if self.captions else (x, label)
+                self.state = {"epoch": epoch, "shard": self.state["shard"] + 1, "sample": 0}
+            self.state = {"epoch": epoch + 1, "shard": 0, "sample": 0}
+
+
+def _read_shard(path: str) -> list[tuple[str, bytes, int, str]]:
+    import tarfile
+
+    groups: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.rpartition(".")
+            groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    out = []
+    for key, g in sorted(groups.items()):
+        img = g.get("jpg", g.get("png", g.get("webp")))
+        out.append((key, img, int(g["cls"]), g.get("txt", b"").decode()))
+    return out
+
+
+def _decode(data: bytes) -> Tensor:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def wds_shards(root: str, split: str) -> list[str]:
+    """The shards of a split: from manifest.json when present, else ``<split>-*.tar*`` in the folder."""
+    r = Path(root)
+    if (r / "manifest.json").exists():
+        from advtrain.data import shard_paths
+
+        return [str(p) for p in shard_paths(r, split)]
+    found = sorted(str(p) for p in r.glob(f"{split}-*.tar*"))
+    if not found:
+        raise FileNotFoundError(f"no {split}-*.tar* shards and no manifest.json in {root}")
+    return found
+
+
+def class_names(cfg: TrainConfig) -> list[str]:
+    d = cfg.data
+    if d.kind == "digits":
+        return [str(i) for i in range(10)]
+    if d.kind == "wds":
+        manifest = Path(d.path) / "manifest.json"
+        if manifest.exists():
+            return list(json.loads(manifest.read_text()).get("class_names", []))
+        return [str(i) for i in range(cfg.model.num_classes)]
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(Path(d.path) / d.train_split)).classes
+
+
+def make_transform(cfg: TrainConfig, size: int):
+    """Per-sample training augmentation on uint8 ``(C, H, W)``: random resized crop, flip, timm RandAugment."""
+    from torchvision.transforms import v2
+
+    a = cfg.augment
+    rand_aug = None
+    if a.randaugment:
+        from timm.data import rand_augment_transform
+
+        rand_aug = rand_augment_transform(a.randaugment, {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)})
+
+    def transform(x: Tensor, g: torch.Generator) -> Tensor:
+        if a.crop_scale != (1.0, 1.0):
+            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global RNG: seed it from g, then restore
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+                x = v2.RandomResizedCrop(size, scale=a.crop_scale, antialias=True)(x)
+        if a.hflip and bool(torch.rand(1, generator=g) < 0.5):
+            x = x.flip(-1)
+        if rand_aug is not None:
+            from PIL import Image
+
+            img = rand_aug(Image.fromarray(x.permute(1, 2, 0).numpy()))
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+        return x
+
+    return transform
+
+
+def digits_arrays(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits as (N, 3, 32, 32) uint8, split 75/25 with a fixed permutation."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.75 * len(y))
+    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+
+
+def build_datasets(cfg: TrainConfig, dd: Dist) -> tuple[Any, Any]:
+    """(train, val) datasets yielding uint8 images at the run's full resolution, labels (and captions)."""
+    d, seed = cfg.data, cfg.run.seed
+    full = max(s.img_size for s in cfg.stages)
+    transform = make_transform(cfg, full)
+    captions = cfg.clip_text is not None
+    if d.kind == "digits":
+        xt, yt, xv, yv = digits_arrays(seed)
+        names = [f"a photo of the digit {int(c)}." for c in yt] if captions else None
+        return ImageTensors(xt, yt, names, transform=transform, seed=seed), ImageTensors(xv, yv, None)
+    if d.kind == "folder":
+        return (FolderImages(str(Path(d.path) / d.train_split), size=full, transform=transform, seed=seed),
+                FolderImages(str(Path(d.path) / d.val_split), size=full))
+    if d.kind == "wds" and d.in_memory:
+        from advtrain.data import load_image_set
+
+        tr, va = load_image_set(d.path, d.train_split), load_image_set(d.path, d.val_split)
+        tr_x, va_x = _to_rgb(tr.images, full), _to_rgb(va.images, full)
+        return (ImageTensors(tr_x, tr.labels, tr.captions if captions else None, transform=transform, seed=seed),
+                ImageTensors(va_x, va.labels, None))
+    if d.kind == "wds":
+        train = ShardStream(wds_shards(d.path, d.train_split), size=full, captions=captions, transform=transform,
+                            seed=seed, rank=dd.rank, world=dd.world)
+        val = ShardStream(wds_shards(d.path, d.val_split), size=full, captions=False, seed=seed)
+        return train, val
+    raise ValueError(f"unknown data.kind {d.kind!r}")
+
+
+def _to_rgb(images: Tensor, size: int) -> Tensor:
+    x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    if x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous()
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """A seeded per-epoch permutation dealt across ranks, yielding ``(epoch, index)`` keys; resumable.
+
+    The epoch travels with each key, so per-sample augmentation can be seeded by (seed, epoch, index) inside
+    worker processes without shared state. State: (epoch, position).
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int, world: int):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.pos = 0, 0
+
+    def _indices(self) -> list[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        per_rank = self.n // self.world  # equal counts on every rank, so DDP steps stay in lockstep
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        idx = self._indices()
+        while self.pos < len(idx):
+            self.pos += 1
+            yield self.epoch, idx[self.pos - 1]
+        self.epoch, self.pos = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def make_loader(cfg: TrainConfig, ds, dd: Dist, *, train: bool) -> StatefulDataLoader:
+    per_rank = cfg.data.batch_size // dd.world
+    common = dict(batch_size=per_rank, num_workers=cfg.data.num_workers, drop_last=train,
+                  pin_memory=dd.device.type == "cuda", collate_fn=_collate)
+    if cfg.data.num_workers:
+        common["persistent_workers"] = False
+    if isinstance(ds, IterableDataset):
+        return StatefulDataLoader(ds, **common)
+    sampler = ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world) if train else None
+    return StatefulDataLoader(ds, sampler=sampler, shuffle=False, **common)
+
+
+def _collate(batch):
+    cols = list(zip(*batch))
+    out = [torch.stack(cols[0]), torch.as_tensor(cols[1], dtype=torch.int64)]
+    if len(cols) > 2:
+        out.append(list(cols[2]))
+    return out
+
+
+# ================================================================================================ model
+
+
+class Normalized(nn.Module):
+    """Pixels in [0, 1] in, normalization inside; ``indices`` runs a timm ViT on the kept tokens only."""
+
+    def __init__(self, inner: nn.Module, mean, std, *, clip_dim: int | None = None):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # CLIP-text mode: the learnable temperature (log-parameter, CLIP's init log(1/0.07))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if clip_dim else None
+
+    def forward(self, x: Tensor, indices: Tensor | None = None) -> Tensor:
+        z = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if indices is None:
+            return self.inner(z)
+        return vit_forward_tokens(self.inner, z, indices=indices)
+
+
+def patch_size(cfg: TrainConfig) -> int | None:
+    """The ViT patch size from the model kwargs or the timm name (``..._patch16_...``); None for non-ViTs."""
+    if "patch_size" in cfg.model.kwargs:
+        return int(cfg.model.kwargs["patch_size"])
+    name = cfg.model.name
+    if "patch" in name:
+        digits = "".join(c for c in name.split("patch", 1)[1] if c.isdigit() or c == "_").split("_")[0]
+        return int(digits) if digits else None
+    return None
+
+
+def build_model(cfg: TrainConfig) -> Normalized:
+    import timm
+
+    m = cfg.model
+    out_dim = m.num_classes
+    kwargs = dict(m.kwargs)
+    if m.name.startswith(("vit", "deit", "eva", "beit")):
+        kwargs.setdefault("dynamic_img_size", True)  # one model for 112, 224 and 336 px
+    inner = timm.create_model(m.name, pretrained=False, num_classes=out_dim, drop_path_rate=m.drop_path, **kwargs)
+    return Normalized(inner, m.mean, m.std, clip_dim=out_dim if cfg.clip_text else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, position embeddings, class tokens and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "logit_scale"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ================================================================================================ schedule
+
+
+def locate(cfg: TrainConfig, samples: int) -> tuple[int, int]:
+    """(stage index, samples seen inside that stage) for a global sample count."""
+    for i, s in enumerate(cfg.stages):
+        if samples < s.samples:
+            return i, samples
+        samples -= s.samples
+    return len(cfg.stages), 0
+
+
+def lr_at(cfg: TrainConfig, stage: Stage, in_stage: int) -> float:
+    """Per stage: linear warmup from 0 to the stage's peak lr, then cosine decay to min_lr at the stage's end."""
+    peak, low = stage.lr or cfg.optim.lr, cfg.optim.min_lr
+    if in_stage < stage.warmup_samples:
+        return peak * (in_stage + 1) / stage.warmup_samples
+    span = max(1, stage.samples - stage.warmup_samples)
+    t = min(1.0, (in_stage - stage.warmup_samples) / span)
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * t))
+
+
+# ================================================================================================ the step
+
+
+def reduce_batch(x: Tensor, stage: Stage, model: Normalized, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """Applies the stage's reducer: resized images, or token indices sampled once for attack and training."""
+    match stage.reducer:
+        case "none":
+            return (x if x.shape[-1] == stage.img_size else resize_reduce(x, stage.img_size)), None
+        case "resize":
+            return resize_reduce(x, stage.img_size), None
+        case "random_mask" | "block_mask":
+            x = x if x.shape[-1] == stage.img_size else resize_reduce(x, stage.img_size)
+            p = model.inner.patch_embed.patch_size[0]
+            grid = (x.shape[-2] // p, x.shape[-1] // p)
+            if stage.reducer == "random_mask":
+                idx = sample_random_indices(x.shape[0], grid[0] * grid[1], keep_ratio=stage.keep_ratio, generator=g)
+            else:
+                idx = sample_block_indices(x.shape[0], grid=grid, keep_ratio=stage.keep_ratio, generator=g)
+            return x, idx.to(x.device)
+    raise ValueError(f"unknown reducer {stage.reducer!r}")
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.run.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, step: int, dd: Dist, mixup,
+               text) -> float:
+    """One optimizer step: mix, reduce, attack (eval mode, same token indices), forward, backward, clip, step."""
+    x = batch[0].to(dd.device, non_blocking=True).float().div_(255)
+    y = batch[1].to(dd.device, non_blocking=True)
+    g = step_generator(cfg.run.seed, step, dd.rank)
+    if mixup is not None:
+        with seeded_host_rng(cfg.run.seed * 7919 + step * 31 + dd.rank):
+            x, y = mixup(x, y)  # soft targets; the attack uses them too
+    x, idx = reduce_batch(x, stage, raw, g)
+    a = stage.attack
+    if text is not None:  # CLIP-text mode: targets are the frozen text features of the captions
+        y = text.features(batch[2]).to(dd.device)
+    loss_fn = text.attack_loss(raw) if text is not None else None
+    ramp = min(1.0, (in_stage + 1) / stage.eps_warmup_samples) if stage.eps_warmup_samples else 1.0
+    if a.steps:
+        raw.eval()  # the attack sees the deterministic network (no drop path); pgd restores nothing else
+        with autocast(cfg, dd.device):
+            x = pgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
+                    steps=a.steps, norm=a.norm, random_start=a.random_start, loss_fn=loss_fn, generator=g)
+        raw.train()
+    with autocast(cfg, dd.device):
+        out = model(x, indices=idx) if idx is not None else model(x)
+        loss = text.loss(raw, out, y) if text is not None else cross_entropy(out, y, label_smoothing=0.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+    opt.step()
+    if ema is not None:
+        ema.update(raw, step=step)
+    return float(loss.detach())
+
+
+class TextMode:
+    """CLIP-text mode: a frozen text tower, a caption-feature cache, the contrastive loss and its attack."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from advtrain.losses import load_text_tower, tiny_text_tower
+
+        ct = cfg.clip_text
+        self.tower = (tiny_text_tower(embed_dim=cfg.model.num_classes) if ct.tower == "tiny"
+                      else load_text_tower(ct.tower, pretrained=ct.pretrained)).to(device)
+        self.cache: dict = {}
+
+    def features(self, captions: list[str]) -> Tensor:
+        from advtrain.losses import embed_texts
+
+        return embed_texts(self.tower, captions, cache=self.cache)
+
+    def loss(self, raw: Normalized, image_features: Tensor, text_features: Tensor) -> Tensor:
+        from advtrain.losses import clip_contrastive_loss
+
+        return clip_contrastive_loss(image_features, text_features, logit_scale=raw.logit_scale)
+
+    def attack_loss(self, raw: Normalized):
+        from advtrain.losses import contrastive_attack_loss
+
+        return contrastive_attack_loss(logit_scale=raw.logit_scale)
+
+    def classifier(self, raw: nn.Module, names: list[str], templates) -> nn.Module:
+        from advtrain.losses import ZeroShotHead, text_classifier
+
+        w = text_classifier(self.tower, names, templates=list(templates), cache=self.cache)
+        return nn.Sequential(raw, ZeroShotHead(w, logit_scale=unwrap_scale(raw)))
+
+
+def unwrap_scale(raw: nn.Module) -> Tensor:
+    inner = raw.module if hasattr(raw, "module") else raw
+    return inner.logit_scale.detach()
+
+
+# ================================================================================================ evaluation
+
+
+def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names) -> dict:
+    """Clean top-1, PGD-20 robust top-1 and (optionally) AutoAttack on a fixed subset, at ``img_size``."""
+    e = cfg.eval
+    loader = [(resize_reduce(b[0].float().div(255), img_size) if b[0].shape[-1] != img_size else b[0].float().div(255),
+               b[1]) for b in _take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples)]
+    clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
+    pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
+                              generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
+    with autocast(cfg, dd.device):
+        r = evaluate(clf, loader, attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=dd.main,
+                     desc=f"eval {img_size}px")
+        out = {"clean": r.clean, f"pgd{e.pgd_steps}": r.robust[f"pgd{e.pgd_steps}"], "n": r.n}
+        if e.autoattack_samples:
+            aa = functools.partial(autoattack, norm="linf", eps=e.eps, seed=cfg.run.seed)
+            ra = evaluate(clf, loader, attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
+                          progress=dd.main, desc="autoattack")
+            out |= {"autoattack": ra.robust["autoattack"], "autoattack_n": ra.n}
+    return out
+
+
+def _take(loader, limit: int | None):
+    n = 0
+    for b in loader:
+        if limit is not None and n >= limit:
+            return
+        if limit is not None and n + len(b[1]) > limit:
+            b = [b[0][: limit - n], b[1][: limit - n]]
+        n += len(b[1])
+        yield b
+        if isinstance(loader.dataset, IterableDataset) and limit is None:
+            raise ValueError("streaming validation data needs data.val_samples")
+
+
+# ================================================================================================ checkpoints
+
+
+def save_checkpoint(run_dir: Path, state: dict, *, keep: int) -> Path:
+    """Writes ``ckpt-<samples>.pt`` atomically (temp file + rename) with a sha256 sidecar; keeps the last ``keep``."""
+    ckdir = run_dir / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path = ckdir / f"ckpt-{state['samples_seen']:012d}.pt"
+    for target, payload in ((path, data), (path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())):
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, target)
+    for old in sorted(ckdir.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(run_dir: Path, log) -> dict | None:
+    """The newest checkpoint whose bytes match its sha256 and that loads with ``weights_only=True``.
+
+    A truncated or corrupt file is reported and skipped; the run falls back to the previous checkpoint.
+    """
+    for path in sorted((run_dir / "checkpoints").glob("ckpt-*.pt"), reverse=True):
+        try:
+            data = path.read_bytes()
+            sidecar = path.with_suffix(".sha256")
+            if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
+                raise ValueError("sha256 mismatch (truncated or corrupt)")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            log(f"resuming from {path} ({state['samples_seen']} samples seen)")
+            return state
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+            log(f"checkpoint {path.name} is unusable ({type(err).__name__}: {err}); falling back to the previous one")
+    return None
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ================================================================================================ validation
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every configuration error we can find before training starts, with a message that names it."""
+    import timm
+
+    check_consistency(cfg)
+    if not timm.is_model(cfg.model.name):
+        close = difflib.get_close_matches(cfg.model.name, timm.list_models(), n=3)
+        raise ValueError(f"unknown timm model {cfg.model.name!r}" + (f"; did you mean {close}?" if close else ""))
+    p = patch_size(cfg)
+    if p:
+        sizes = [s.img_size for s in cfg.stages] + ([cfg.eval.img_size] if cfg.eval.img_size else [])
+        bad = [s for s in sizes if s % p]
+        if bad:
+            raise ValueError(f"image sizes {bad} are not divisible by the patch size {p} of {cfg.model.name}")
+    elif any(s.reducer in ("random_mask", "block_mask") for s in cfg.stages):
+        raise ValueError(f"token masks need a ViT; {cfg.model.name} has no patch tokens")
+    d = cfg.data
+    if d.kind in ("folder", "wds"):
+        if not d.path or not Path(d.path).exists():
+            raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
+    if d.kind == "folder":
+        for split in (d.train_split, d.val_split):
+            if not (Path(d.path) / split).is_dir():
+                raise FileNotFoundError(f"{Path(d.path) / split} is missing: expected class folders under it")
+    if d.kind == "wds":
+        need = {"cls"} | ({"txt"} if cfg.clip_text else set())
+        for split in (d.train_split, d.val_split):
+            shards = wds_shards(d.path, split)
+            keys = _first_sample_keys(shards[0])
+            missing = sorted(need - keys) + ([] if keys & {"jpg", "png", "webp"} else ["jpg|png"])
+            if missing:
+                raise ValueError(f"samples of {shards[0]} lack {missing} (have {sorted(keys)})")
+    if cfg.clip_text and d.kind == "folder":
+        raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
+    if cfg.data.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the world size")
+
+
+def _first_sample_keys(shard: str) -> set[str]:
+    import tarfile
+
+    keys, first = set(), None
+    with tarfile.open(shard, "r:*") as tar:
+        for m in tar:
+            key, _, ext = m.name.rpartition(".")
+            if first is None:
+                first = key
+            if key != first:
+                break
+            keys.add(ext)
+    return keys
+
+
+# ================================================================================================ run directory
+
+
+def write_run_info(run_dir: Path, cfg: TrainConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
+        raise ValueError(f"{run_dir} holds a run with a different config; choose another run.out_dir or delete it")
+    saved.write_text(cfg.to_json())
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                             timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "unknown", False
+    import timm
+
+    meta = {"git_revision": rev, "git_dirty": dirty, "command": sys.argv, "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "advtrain": advtrain.__version__,
+            "host": platform.node(), "cuda": torch.version.cuda, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def plot_metrics(run_dir: Path, cfg: TrainConfig) -> Path | None:
+    """loss (left) and clean / robust accuracy (right) against samples seen, stage boundaries dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if not train:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([r["samples"] for r in train], [r["loss"] for r in train], lw=1)
+    a.set(xlabel="samples seen", ylabel="training loss (adversarial)", title="loss")
+    for key in sorted({k for r in evals for k in r if k in ("clean", "autoattack") or k.startswith("pgd")}):
+        pts = [(r["samples"], 100 * r[key]) for r in evals if key in r]
+        b.plot(*zip(*pts), marker="o", label=key)
+    b.set(xlabel="samples seen", ylabel="top-1 (%)", title="accuracy at the end of each stage")
+    if evals:
+        b.legend()
+    edge = 0
+    for s in cfg.stages[:-1]:
+        edge += s.samples
+        for ax in (a, b):
+            ax.axvline(edge, ls="--", c="gray", lw=0.8)
+    fig.tight_layout()
+    path = run_dir / "metrics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ================================================================================================ main
+
+
+def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
+    """Trains every stage, evaluating at each stage's end; resumes from the run directory's latest checkpoint.
+
+    Args:
+        cfg: the resolved configuration.
+        stop_after_samples: leave (as if preempted) after the first checkpoint at or beyond this many samples.
+
+    Returns:
+        ``{"evals": [...], "run_dir": str, "finished": bool, "seconds": float}``.
+    """
+    validate(cfg)
+    dd = setup_distributed(cfg)
+    run_dir = Path(cfg.run.out_dir)
+    log = (lambda msg: tqdm.write(f"[advxl] {msg}")) if dd.main else (lambda msg: None)
+    if dd.main:
+        write_run_info(run_dir, cfg)
+    if dd.world > 1:
+        dist.barrier()
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg).to(dd.device)
+    text = TextMode(cfg, dd.device) if cfg.clip_text else None
+    names = class_names(cfg)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    ema = None
+    if cfg.optim.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+    train_ds, val_ds = build_datasets(cfg, dd)
+    loader = make_loader(cfg, train_ds, dd, train=True)
+    samples, step, evals = 0, 0, []
+    state = load_latest_checkpoint(run_dir, log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        samples, step, evals = state["samples_seen"], state["step"], json.loads(state["evals"])
+    raw = model
+    if dd.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
+    if cfg.run.compile:
+        model = torch.compile(model)
+    mixup = None
+    if cfg.augment.mixup or cfg.augment.cutmix:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix,
+                      label_smoothing=cfg.augment.label_smoothing, num_classes=cfg.model.num_classes)
+    metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
+
+    def checkpoint() -> Path | None:
+        if not dd.main:
+            return None
+        st = {"model": raw.state_dict(), "optim": opt.state_dict(), "loader": loader.state_dict(),
+              "ema": ema.state_dict() if ema is not None else {}, "rng": rng_state(), "samples_seen": samples,
+              "step": step, "stage": locate(cfg, samples)[0], "evals": json.dumps(evals)}
+        return save_checkpoint(run_dir, st, keep=cfg.run.keep_checkpoints)
+
+    start, total = time.perf_counter(), cfg.total_samples
+    bar = tqdm(total=total, initial=samples, unit="img", unit_scale=True, disable=not dd.main, dynamic_ncols=True,
+               desc="advxl")
+    it = iter(loader)
+    next_ckpt = (samples // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
+    finished = True
+    raw.train()
+    while samples < total:
+        si, in_stage = locate(cfg, samples)
+        stage = cfg.stages[si]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, stage, in_stage)
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        t0 = time.perf_counter()
+        loss = train_step(cfg, model, raw, opt, ema, batch, stage, in_stage, step, dd, mixup, text)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step} (stage {stage.name}); lower optim.lr?")
+        samples += cfg.data.batch_size
+        step += 1
+        bar.update(cfg.data.batch_size)
+        bar.set_postfix(stage=stage.name, px=stage.img_size, loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if metrics and (step % cfg.run.log_every == 0 or step == 1):
+            metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "stage": stage.name,
+                                      "loss": loss, "lr": opt.param_groups[0]["lr"],
+                                      "img_per_s": cfg.data.batch_size / (time.perf_counter() - t0)}) + "\n")
+            metrics.flush()
+        stage_done = locate(cfg, samples)[0] != si
+        if stage_done:
+            eval_model = ema.module if ema is not None else raw
+            size = cfg.eval.img_size or stage.img_size
+            r = run_eval(cfg, eval_model, val_ds, dd, img_size=size, text=text, names=names)
+            r |= {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size}
+            evals.append(r)
+            log(f"stage {stage.name} done at {samples} samples: " + ", ".join(
+                f"{k} {100 * v:.2f}%" for k, v in r.items() if isinstance(v, float)))
+            if metrics:
+                metrics.write(json.dumps(r) + "\n")
+                metrics.flush()
+            raw.train()
+        if samples >= next_ckpt or stage_done:
+            path = checkpoint()
+            next_ckpt = (samples // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
+            if path is not None:
+                log(f"checkpoint {path.name}")
+            if stop_after_samples is not None and samples >= stop_after_samples and samples < total:
+                finished = False
+                break
+    bar.close()
+    seconds = time.perf_counter() - start
+    if metrics:
+        metrics.close()
+    if dd.main and finished:
+        plot_metrics(run_dir, cfg)
+        (run_dir / "results.md").write_text(results_table(evals, cfg))
+        log(f"done in {seconds:.0f} s; results in {run_dir}")
+    if dd.world > 1:
+        dist.barrier()
+    return {"evals": evals, "run_dir": str(run_dir), "finished": finished, "seconds": seconds,
+            "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}
+
+
+def results_table(evals: list[dict], cfg: TrainConfig) -> str:
+    key = f"pgd{cfg.eval.pgd_steps}"
+    head = f"| stage | px | samples | clean (%) | PGD-{cfg.eval.pgd_steps} (%) |"
+    aa = any("autoattack" in e for e in evals)
+    lines = [head + (" AutoAttack (%) |" if aa else ""), "|---|---|---|---|---|" + ("---|" if aa else "")]
+    for e in evals:
+        row = f"| {e['stage']} | {e['img_size']} | {e['samples']} | {100 * e['clean']:.2f} | {100 * e[key]:.2f} |"
+        lines.append(row + (f" {100 * e['autoattack']:.2f} |" if aa and "autoattack" in e else (" - |" if aa else "")))
+    return "\n".join(lines) + "\n"
