@@ -266,7 +266,9 @@ def make_transform(cfg: TrainConfig, size: int):
     if a.randaugment:
         from timm.data import rand_augment_transform
 
-        rand_aug = rand_augment_transform(a.randaugment, {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)})
+        # magnitude_max 9: with 'inc1', magnitude 10 asks Pillow to posterize to 0 bits, which Pillow >= 11 refuses
+        hparams = {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104), "magnitude_max": 9}
+        rand_aug = rand_augment_transform(a.randaugment, hparams)
 
     def transform(x: Tensor, g: torch.Generator) -> Tensor:
         if a.crop_scale != (1.0, 1.0):
