@@ -70,6 +70,7 @@ class Model:
     num_classes: int = 1000
     drop_path: float = 0.1
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. embed_dim for tiny ViTs)
+    init: str | None = None  # clean-pretrained start: a local state_dict file, or "timm:<name.tag>" (internet)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -433,6 +433,38 @@ def build_model(cfg: TrainConfig) -> Normalized:
     return Normalized(inner, m.mean, m.std, clip_dim=out_dim if cfg.clip_text else None)
 
 
+def load_init_weights(cfg: TrainConfig, model: Normalized, log) -> None:
+    """Starts the inner timm model from clean-pretrained weights (``model.init``), as Singh et al. recommend.
+
+    ``timm:<name.tag>`` downloads timm's pretrained weights (needs internet); anything else is a local file
+    holding a state_dict (a bare one, a ``{"model": ...}`` checkpoint of this recipe, or timm's). Position
+    embeddings are resampled to this model's grid (timm's ``checkpoint_filter_fn``); tensors whose shapes still
+    differ (a head with another class count) are skipped and reported.
+    """
+    src = cfg.model.init
+    if src.startswith("timm:"):
+        import timm
+
+        sd = timm.create_model(src[5:], pretrained=True).state_dict()
+    else:
+        if not Path(src).exists():
+            raise FileNotFoundError(f"model.init {src!r} does not exist")
+        sd = torch.load(src, map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd.get("state_dict", sd))
+        sd = {k.removeprefix("inner."): v for k, v in sd.items() if k not in ("mean", "std", "logit_scale")}
+    inner = model.inner
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(inner, VisionTransformer):
+        sd = checkpoint_filter_fn(sd, inner)
+    own = inner.state_dict()
+    skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
+    sd = {k: v for k, v in sd.items() if k not in skipped}
+    missing, unexpected = inner.load_state_dict(sd, strict=False)
+    log(f"initialized from {src}: {len(sd)} tensors loaded; shape-mismatched (skipped): {skipped}; "
+        f"missing: {sorted(missing)}; unexpected: {sorted(unexpected)}")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -698,6 +730,9 @@ def validate(cfg: TrainConfig) -> None:
             missing = sorted(need - keys) + ([] if keys & {"jpg", "png", "webp"} else ["jpg|png"])
             if missing:
                 raise ValueError(f"samples of {shards[0]} lack {missing} (have {sorted(keys)})")
+    init = cfg.model.init
+    if init and not init.startswith("timm:") and not Path(init).exists():
+        raise FileNotFoundError(f"model.init {init!r} does not exist")
     if cfg.clip_text and d.kind == "folder":
         raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
     if cfg.data.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
@@ -811,6 +846,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     loader = make_loader(cfg, train_ds, dd, train=True)
     samples, step, evals = 0, 0, []
     state = load_latest_checkpoint(run_dir, log)
+    if state is None and cfg.model.init:
+        load_init_weights(cfg, model, log)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])

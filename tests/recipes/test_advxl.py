@@ -256,3 +256,20 @@ def test_shard_stream_resumes_mid_shard(shared_datasets, workers):
     for a in ref[3:]:
         b = next(it3)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.slow
+def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
+    cfg = tiny(tmp_path)
+    src = train.build_model(cfg)  # trained at 32 px: a 4x4 grid of /8 patches
+    torch.save(src.state_dict(), tmp_path / "clean.pt")
+    big = dataclasses.replace(cfg.model, kwargs={**cfg.model.kwargs, "img_size": 64, "dynamic_img_size": False},
+                              num_classes=7, init=str(tmp_path / "clean.pt"))
+    dst = train.build_model(dataclasses.replace(cfg, model=big))
+    logs = []
+    train.load_init_weights(dataclasses.replace(cfg, model=big), dst, logs.append)
+    assert dst.inner.pos_embed.shape[1] == 64 and src.inner.pos_embed.shape[1] == 16  # 8x8 grid from 4x4
+    assert torch.equal(dst.inner.blocks[0].attn.qkv.weight, src.inner.blocks[0].attn.qkv.weight)
+    assert "head.weight" in logs[0] and "skipped" in logs[0]  # 10 -> 7 classes: the head stays fresh
+    with pytest.raises(FileNotFoundError, match="model.init"):
+        train.load_init_weights(dataclasses.replace(cfg, model=dataclasses.replace(big, init="/nope.pt")), dst, print)
