@@ -609,21 +609,30 @@ def unwrap_scale(raw: nn.Module) -> Tensor:
 def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names) -> dict:
     """Clean top-1, PGD-20 robust top-1 and (optionally) AutoAttack on a fixed subset, at ``img_size``."""
     e = cfg.eval
-    loader = [(resize_reduce(b[0].float().div(255), img_size) if b[0].shape[-1] != img_size else b[0].float().div(255),
-               b[1]) for b in _take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples)]
+
+    def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
+        for b in _take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples):
+            x = b[0].to(dd.device).float().div(255)
+            yield (resize_reduce(x, img_size) if x.shape[-1] > img_size else _upsize(x, img_size)), b[1]
+
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
     pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                               generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
     with autocast(cfg, dd.device):
-        r = evaluate(clf, loader, attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=dd.main,
+        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=dd.main,
                      desc=f"eval {img_size}px")
         out = {"clean": r.clean, f"pgd{e.pgd_steps}": r.robust[f"pgd{e.pgd_steps}"], "n": r.n}
         if e.autoattack_samples:
             aa = functools.partial(autoattack, norm="linf", eps=e.eps, seed=cfg.run.seed)
-            ra = evaluate(clf, loader, attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
+            ra = evaluate(clf, batches(), attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
                           progress=dd.main, desc="autoattack")
             out |= {"autoattack": ra.robust["autoattack"], "autoattack_n": ra.n}
     return out
+
+
+def _upsize(x: Tensor, size: int) -> Tensor:
+    """Bilinear upsizing for evaluation above the data's resolution (higher test-time resolution)."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def _take(loader, limit: int | None):
