@@ -14,7 +14,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(advtrain.__path__, "advtr
 
 
 def test_top_level_reexports():
-    from advtrain import cross_entropy, fgsm, pgd, project  # noqa: F401
+    from advtrain import cross_entropy, fgsm, pgd, project, resize_reduce  # noqa: F401
 
     for name in advtrain.__all__:
         assert callable(getattr(advtrain, name)), name
