@@ -71,6 +71,8 @@ class Model:
     drop_path: float = 0.1
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. embed_dim for tiny ViTs)
     init: str | None = None  # clean-pretrained start: a local state_dict file, or "timm:<name.tag>" (internet)
+    stem: Literal["patch", "conv"] = "patch"  # conv: Singh et al.'s ConvStem (advtrain.models.convstem_)
+    stem_channels: tuple[int, ...] | None = None  # ConvStem widths (default: advtrain's per-model choice)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -124,6 +126,7 @@ class Eval:
     pgd_step_size: float = 1 / 255
     autoattack_samples: int = 0  # 0: no AutoAttack; else a fixed subset of this many validation samples
     img_size: int | None = None  # evaluation resolution (default: the last stage's)
+    resolutions: tuple[int, ...] = ()  # after training: clean/PGD accuracy at each of these test-time sizes
 
 
 @dataclass(frozen=True, kw_only=True)

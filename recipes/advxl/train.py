@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import advtrain
 from advtrain import pgd
-from advtrain.eval import autoattack, evaluate
+from advtrain.eval import autoattack, evaluate, format_resolution_table, plot_resolution, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
 from recipes.advxl.config import Stage, TrainConfig, check_consistency
@@ -430,6 +430,10 @@ def build_model(cfg: TrainConfig) -> Normalized:
     if m.name.startswith(("vit", "deit", "eva", "beit")):
         kwargs.setdefault("dynamic_img_size", True)  # one model for 112, 224 and 336 px
     inner = timm.create_model(m.name, pretrained=False, num_classes=out_dim, drop_path_rate=m.drop_path, **kwargs)
+    if m.stem == "conv":
+        from advtrain.models import convstem_
+
+        convstem_(inner, channels=m.stem_channels)
     return Normalized(inner, m.mean, m.std, clip_dim=out_dim if cfg.clip_text else None)
 
 
@@ -613,7 +617,7 @@ def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
         for b in _take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples):
             x = b[0].to(dd.device).float().div(255)
-            yield (resize_reduce(x, img_size) if x.shape[-1] > img_size else _upsize(x, img_size)), b[1]
+            yield (x if x.shape[-1] == img_size else resize_images(x, img_size)), b[1]
 
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
     pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
@@ -630,9 +634,18 @@ def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: 
     return out
 
 
-def _upsize(x: Tensor, size: int) -> Tensor:
-    """Bilinear upsizing for evaluation above the data's resolution (higher test-time resolution)."""
-    return x if x.shape[-1] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, text, names) -> list:
+    """Clean and PGD accuracy at each ``eval.resolutions`` size (Singh et al.: higher test-time resolution)."""
+    e = cfg.eval
+    clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
+    batches = ((b[0].float().div(255), b[1]) for b in _take(make_loader(cfg, val_ds, dd, train=False),
+                                                             cfg.data.val_samples))
+    pgd_k = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
+                              generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
+    batches = list(batches)  # the sweep passes over the (capped) validation set once per size
+    with autocast(cfg, dd.device):
+        return resolution_sweep(clf, batches, sizes=list(e.resolutions), attacks={f"pgd{e.pgd_steps}": pgd_k},
+                                device=dd.device, progress=dd.main)
 
 
 def _take(loader, limit: int | None):
@@ -941,6 +954,12 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     seconds = time.perf_counter() - start
     if metrics:
         metrics.close()
+    if finished and cfg.eval.resolutions:
+        sweep = resolution_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, text=text, names=names)
+        if dd.main:
+            (run_dir / "resolution.md").write_text(format_resolution_table(sweep))
+            plot_resolution(sweep, run_dir / "resolution.png")
+            log("test-time resolution:\n" + format_resolution_table(sweep))
     if dd.main and finished:
         plot_metrics(run_dir, cfg)
         (run_dir / "results.md").write_text(results_table(evals, cfg))

@@ -273,3 +273,17 @@ def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
     assert "head.weight" in logs[0] and "skipped" in logs[0]  # 10 -> 7 classes: the head stays fresh
     with pytest.raises(FileNotFoundError, match="model.init"):
         train.load_init_weights(dataclasses.replace(cfg, model=dataclasses.replace(big, init="/nope.pt")), dst, print)
+
+
+@pytest.mark.slow
+def test_convstem_model_and_test_time_resolution_sweep(tmp_path):
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stem="conv"),
+                              eval=dataclasses.replace(cfg.eval, resolutions=(32, 48, 64)))
+    model = train.build_model(cfg)
+    assert model.inner.patch_embed.proj.__class__.__name__ == "ConvStem"
+    out = train.main(cfg)
+    assert out["finished"]
+    table = (tmp_path / "run" / "resolution.md").read_text()
+    assert all(f"| {s}" in table for s in (32, 48, 64))
+    assert (tmp_path / "run" / "resolution.png").exists()
