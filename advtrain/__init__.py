@@ -3,7 +3,7 @@
 >>> from advtrain import pgd, fgsm, resize_reduce
 """
 
-from advtrain.attacks import fgsm, pgd, project
+from advtrain.attacks import apgd, fgsm, pgd, project
 from advtrain.bn import (
     bn_route,
     convert_split_bn_,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipContrastiveLoss",
     "ZeroShotHead",
+    "apgd",
     "bn_route",
     "clip_contrastive_loss",
     "contrastive_attack_loss",

@@ -1,12 +1,13 @@
-"""Attacks: PGD and FGSM under l_inf, l_2 and l_1, with exact projections onto the eps-ball and the pixel box.
+"""Attacks: PGD, Auto-PGD and FGSM under l_inf, l_2 and l_1, with exact projections onto the eps-ball and the pixel box.
 
 Every attack follows one contract: a detached result of ``x``'s shape, dtype and device, inside the ball and the
 box; the model's mode, parameters, buffers and ``.grad`` left as found; input gradients via
 ``torch.autograd.grad``; randomness only from ``generator=``.
 """
 
+from advtrain.attacks._apgd import apgd
 from advtrain.attacks._pgd import fgsm, pgd, random_in_ball
 from advtrain.attacks._project import project
 from advtrain.attacks._projections import Norm
 
-__all__ = ["Norm", "fgsm", "pgd", "project", "random_in_ball"]
+__all__ = ["Norm", "apgd", "fgsm", "pgd", "project", "random_in_ball"]

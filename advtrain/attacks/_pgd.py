@@ -219,11 +219,9 @@ def _attack(model, x, y, eps, *, step_sizes, norm, loss_fn, targeted, random_sta
         return model((xw + d).view(x.shape).to(x.dtype))
 
     def per_sample(loss: Tensor) -> Tensor:
-        if loss.ndim == 1 and loss.shape[0] == x.shape[0]:
-            return loss.float()
-        if return_best:
+        if return_best and not (loss.ndim == 1 and loss.shape[0] == x.shape[0]):
             raise ValueError(f"return_best needs loss_fn to return (B,) losses; got shape {tuple(loss.shape)}")
-        return loss.float()
+        return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()  # float64 keeps its bits
 
     for step_size in step_sizes:
         d = delta.detach().requires_grad_(True)

@@ -26,6 +26,7 @@ Precision = Literal["fp32", "bf16"]
 class Attack:
     """The training attack (PGD-K under ``norm``; ``steps=0`` is standard training)."""
 
+    kind: Literal["pgd", "apgd"] = "pgd"  # apgd: Auto-PGD (no step size; step_size is ignored)
     norm: Literal["linf", "l2", "l1"] = "linf"
     eps: float = 4 / 255  # radius, pixels in [0, 1]
     step_size: float = 4 / 255  # per-step length, same units
@@ -368,12 +369,33 @@ def imagenet_vit_l16(path: str = "/datasets/imagenet") -> TrainConfig:
                                run=dataclasses.replace(base.run, out_dir="runs/advxl-imagenet-vit-l16"))
 
 
+def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
+    """Singh, Croce & Hein (NeurIPS 2023, arXiv 2303.01870): ViT-S + ConvStem, APGD-2 adversarial training.
+
+    l_inf eps 4/255 with 2-step APGD, heavy augmentation (RandAugment, MixUp, CutMix, label smoothing), EMA,
+    300 epochs at 224 px, batch 1024. The paper starts from a clean-pretrained ViT-S + ConvStem (100 epochs of
+    clean training): set ``model.init=/path/to/clean.pt``.
+    """
+    epoch = 1_281_167
+    return TrainConfig(
+        model=Model(name="vit_small_patch16_224", num_classes=1000, drop_path=0.1, stem="conv"),
+        optim=Optim(lr=1e-3, weight_decay=0.05, clip_grad=1.0, ema_decay=0.9999),
+        augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+        data=Data(kind="folder", path=path, batch_size=1024, num_workers=10),
+        stages=(Stage(name="apgd2", samples=300 * epoch, img_size=224,
+                      attack=Attack(kind="apgd", eps=4 / 255, steps=2), warmup_samples=20 * epoch),),
+        eval=Eval(autoattack_samples=5000, resolutions=(224, 288, 320, 384)),
+        run=Run(out_dir="runs/singh-vit-s-convstem", checkpoint_every=5_000_000),
+    )
+
+
 PRESETS = {
     "embedded": embedded,
     "imagenette224": imagenette224,
     "cifar10": cifar10,
     "imagenet_vit_b16": imagenet_vit_b16,
     "imagenet_vit_l16": imagenet_vit_l16,
+    "imagenet_vit_s_convstem": imagenet_vit_s_convstem,
 }
 
 

@@ -553,8 +553,14 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
     if a.steps:
         raw.eval()  # the attack sees the deterministic network (no drop path); pgd restores nothing else
         with autocast(cfg, dd.device):
-            x = pgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
-                    steps=a.steps, norm=a.norm, random_start=a.random_start, loss_fn=loss_fn, generator=g)
+            if a.kind == "apgd":
+                from advtrain.attacks import apgd
+
+                x = apgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, steps=a.steps, norm=a.norm,
+                         random_start=a.random_start, loss_fn=loss_fn, generator=g)
+            else:
+                x = pgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
+                        steps=a.steps, norm=a.norm, random_start=a.random_start, loss_fn=loss_fn, generator=g)
         raw.train()
     with autocast(cfg, dd.device):
         out = model(x, indices=idx) if idx is not None else model(x)

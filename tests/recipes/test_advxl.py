@@ -47,7 +47,8 @@ def losses(run_dir) -> list[float]:
 
 
 def test_config_round_trips_through_json(tmp_path):
-    for name in ("embedded", "imagenette224", "cifar10", "imagenet_vit_b16", "imagenet_vit_l16"):
+    for name in ("embedded", "imagenette224", "cifar10", "imagenet_vit_b16", "imagenet_vit_l16",
+                 "imagenet_vit_s_convstem"):
         cfg = preset(name)
         path = tmp_path / f"{name}.json"
         path.write_text(cfg.to_json())
@@ -287,3 +288,17 @@ def test_convstem_model_and_test_time_resolution_sweep(tmp_path):
     table = (tmp_path / "run" / "resolution.md").read_text()
     assert all(f"| {s}" in table for s in (32, 48, 64))
     assert (tmp_path / "run" / "resolution.png").exists()
+
+
+@pytest.mark.slow
+def test_apgd_training_attack(tmp_path):
+    cfg = tiny(tmp_path)
+    stages = tuple(dataclasses.replace(s, attack=dataclasses.replace(s.attack, kind="apgd", steps=2)) for s in cfg.stages)
+    out = train.main(dataclasses.replace(cfg, stages=stages))
+    assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
+
+
+def test_singh_preset_is_apgd2_convstem():
+    cfg = preset("imagenet_vit_s_convstem")
+    assert cfg.model.stem == "conv" and cfg.stages[0].attack.kind == "apgd" and cfg.stages[0].attack.steps == 2
+    assert cfg.optim.ema_decay and cfg.augment.mixup and cfg.augment.randaugment
