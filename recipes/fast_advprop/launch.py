@@ -1,0 +1,122 @@
+"""Launch the Fast AdvProp recipe: ``python -m recipes.fast_advprop.launch --preset NAME [dotted.key=value ...]``.
+
+Runs on this machine (one process; for several GPUs start it with ``torchrun --nproc-per-node N -m
+recipes.fast_advprop.launch ...``, which sets WORLD_SIZE/RANK for DDP). A run resumes from the latest valid
+checkpoint in ``run.out_dir``. With ``run.compare=true`` the launcher trains four runs at the same budget, each
+in its own sub-directory, and prints one table: Fast AdvProp (the config as given), vanilla, AdvProp PGD-5 and
+AdvProp PGD-1. The baselines load the Fast AdvProp run's clean images per step (its batch minus the attacked
+share), so every method sees the same clean batch and learning rate, as in the paper's scripts.
+
+Examples:
+    python -m recipes.fast_advprop.launch                                  # embedded default: digits, CPU, 4 runs
+    python -m recipes.fast_advprop.launch --preset imagenette224
+    python -m recipes.fast_advprop.launch --preset imagenet_resnet50 data.path=/datasets/imagenet
+    python -m recipes.fast_advprop.launch --preset cifar10 method=advprop adv.advprop_steps=1 data.batch_size=128
+    python -m recipes.fast_advprop.launch --preset embedded --dry-run      # print the resolved config, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from recipes.fast_advprop.config import PRESETS, TrainConfig, cost_per_epoch, override, preset, run_epochs, split_counts
+
+
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m recipes.fast_advprop.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="a named configuration")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value (JSON values), e.g. optim.lr=0.05 method=vanilla")
+    args = p.parse_args(argv)
+    try:
+        cfg = override(preset(args.preset), args.overrides)
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
+    return cfg, args
+
+
+def baselines(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """The four runs of a comparison, by label, each in a sub-directory of ``run.out_dir``.
+
+    Baselines load the clean images of one Fast AdvProp step ((1 - p_adv) x batch), so the clean batch, the
+    learning rate and the BN groups' clean share stay the same across methods; each runs its calibrated epochs.
+    """
+    clean = split_counts(cfg, cfg.data.batch_size)[0] if cfg.method == "fast_advprop" else cfg.data.batch_size
+    out = {}
+    for label, method, steps in (("fast_advprop", "fast_advprop", None), ("vanilla", "vanilla", None),
+                                 ("advprop_pgd5", "advprop", 5), ("advprop_pgd1", "advprop", 1)):
+        c = dataclasses.replace(cfg, method=method, run=dataclasses.replace(
+            cfg.run, out_dir=str(Path(cfg.run.out_dir) / label), compare=False))
+        if method != "fast_advprop":
+            c = dataclasses.replace(c, data=dataclasses.replace(cfg.data, batch_size=clean))
+        if steps is not None:
+            c = dataclasses.replace(c, adv=dataclasses.replace(cfg.adv, advprop_steps=steps))
+        out[label] = c
+    return out
+
+
+def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> str:
+    any_cfg = next(iter(cfgs.values()))
+    key = f"pgd{any_cfg.eval.pgd_steps}"
+    lines = [f"| method | images / step (clean + attacked) | epochs | cost / epoch | clean top-1 (%) | "
+             f"PGD-{any_cfg.eval.pgd_steps} top-1 (%) | corruption error (%) | train time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    names = {"fast_advprop": "Fast AdvProp", "vanilla": "vanilla", "advprop_pgd5": "AdvProp PGD-5",
+             "advprop_pgd1": "AdvProp PGD-1"}
+    for label, r in results.items():
+        c, e = cfgs[label], r["evals"][-1]
+        n_clean, n_adv = split_counts(c, c.data.batch_size)
+        ce = f"{100 * e['corruption_error']:.2f}" if "corruption_error" in e else "-"
+        pg = f"{100 * e[key]:.2f}" if key in e else "-"
+        name = names.get(label, label)
+        if c.method == "fast_advprop":
+            name += f" (p_adv {c.adv.p_adv:g}, PGD-{c.adv.steps})"
+        lines.append(f"| {name} | {n_clean} + {n_adv} | {run_epochs(c):.2f} | {cost_per_epoch(c):g}x | "
+                     f"{100 * e['clean']:.2f} | {pg} | {ce} | {r['train_seconds']:.0f} |")
+    e, c = next(iter(results.values()))["evals"][-1], any_cfg
+    note = (f"\nBudget: {c.optim.epochs:g} vanilla epochs each (epochs x cost / epoch). PGD-{c.eval.pgd_steps}: "
+            f"l_inf eps {255 * c.eval.eps:g}/255, step {255 * c.eval.pgd_step_size:g}/255, {e['n']} images. ")
+    if "corruption_n" in e:
+        note += (f"Corruption error: mean top-1 error over {len(c.eval.corruptions)} corruptions x "
+                 f"{len(c.eval.severities)} severities on {e['corruption_n']} images.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def run_local(cfg: TrainConfig) -> dict:
+    from recipes.fast_advprop import train
+
+    if not cfg.run.compare:
+        return train.main(cfg)
+    cfgs = baselines(cfg)
+    results = {label: train.main(c) for label, c in cfgs.items()}
+    table = comparison_table(results, cfgs)
+    Path(cfg.run.out_dir, "comparison.md").write_text(table)
+    print("\n" + table)
+    return {"results": results, "table": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(argv)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from recipes.fast_advprop.train import validate
+
+    try:
+        for c in baselines(cfg).values() if cfg.run.compare else (cfg,):
+            validate(c)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"configuration error: {err}")
+    start = time.perf_counter()
+    run_local(cfg)
+    print(f"total wall-clock: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The Fast AdvProp recipe: config and budget, bad-config errors, one step against a naive reference, CPU smoke
+runs of every method with pinned losses, exact resume, checkpoint fallback, shuffle-BN, corruption evaluation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advtrain import cross_entropy
+from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
+from recipes.fast_advprop import train
+from recipes.fast_advprop.config import (Adv, Augment, Data, Eval, Optim, TrainConfig, cost_per_epoch, from_dict,
+                                         load_config, lr_at, override, preset, run_epochs, split_counts)
+from recipes.fast_advprop.launch import baselines, parse
+
+
+def tiny(tmp_path, method="fast_advprop", **run) -> TrainConfig:
+    """A ResNet-10 of width 8 on digits, 20 images a step (16 clean + 4 attacked), BN in 2 groups.
+
+    A 3-epoch vanilla budget over 40-image epochs: Fast AdvProp 5 steps, vanilla 6, AdvProp PGD-5 1, PGD-1 2.
+    Everything the pinned losses depend on is spelled out here, not inherited from the embedded preset.
+    """
+    cfg = preset("embedded")
+    eps = 2 / 255
+    return dataclasses.replace(
+        cfg,
+        method=method,
+        model=dataclasses.replace(cfg.model, name="resnet10t", kwargs=dict(channels=[8, 16, 32, 64], stem_width=8)),
+        adv=Adv(p_adv=0.2, eps=eps, step_size=eps, steps=1, advprop_steps=5, beta=0.5, bn_groups=2),
+        optim=Optim(lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=3.0, milestones=(1.5,), gamma=0.1),
+        augment=Augment(crop_scale=(0.7, 1.0), hflip=True),
+        data=Data(kind="digits", img_size=32, batch_size=20, num_workers=0, val_samples=32, train_size=40),
+        eval=Eval(eps=eps, pgd_steps=2, pgd_step_size=eps / 2, corruptions=("gaussian_noise", "contrast"),
+                  severities=(1, 5), corruption_samples=8),
+        run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run"), checkpoint_every=40, log_every=1,
+                                compare=False, threads=1, **run),
+    )
+
+
+def with_method(cfg: TrainConfig, label: str) -> TrainConfig:
+    method, steps = {"fast_advprop": ("fast_advprop", 5), "vanilla": ("vanilla", 5), "advprop_pgd5": ("advprop", 5),
+                     "advprop_pgd1": ("advprop", 1)}[label]
+    return dataclasses.replace(cfg, method=method, adv=dataclasses.replace(cfg.adv, advprop_steps=steps))
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+# ------------------------------------------------------------------------------------------------ config and budget
+
+
+def test_config_round_trips_through_json(tmp_path):
+    for name in ("embedded", "imagenette224", "cifar10", "imagenet_resnet50"):
+        cfg = preset(name)
+        path = tmp_path / f"{name}.json"
+        path.write_text(cfg.to_json())
+        assert load_config(path) == cfg
+
+
+def test_paper_setting_in_the_imagenet_preset():
+    cfg = preset("imagenet_resnet50")
+    assert (cfg.method, cfg.model.name, cfg.adv.p_adv, cfg.adv.steps, cfg.adv.beta) == ("fast_advprop", "resnet50",
+                                                                                       0.2, 1, 0.5)
+    assert cfg.adv.eps == cfg.adv.step_size == 1 / 255 and cfg.adv.random_start and cfg.adv.shuffle_bn
+    o = cfg.optim
+    assert (o.lr, o.momentum, o.weight_decay, o.epochs, o.milestones) == (0.1, 0.9, 1e-4, 105, (30, 60, 90, 100))
+    assert split_counts(cfg, cfg.data.batch_size) == (256, 64)
+    assert cost_per_epoch(cfg) == 1.2 and run_epochs(cfg) == pytest.approx(87.5)
+    pgd5 = dataclasses.replace(cfg, method="advprop")
+    pgd1 = dataclasses.replace(pgd5, adv=dataclasses.replace(cfg.adv, advprop_steps=1))
+    assert (cost_per_epoch(pgd5), run_epochs(pgd5)) == (7.0, 15.0)
+    assert (cost_per_epoch(pgd1), run_epochs(pgd1)) == (3.0, 35.0)
+    assert run_epochs(dataclasses.replace(cfg, method="vanilla")) == 105
+
+
+def test_step_schedule_is_calibrated_by_the_cost():
+    cfg = preset("imagenet_resnet50")  # Fast AdvProp: milestones 30, 60, 90, 100 / 1.2 = 25, 50, 75, 83.3
+    assert [lr_at(cfg, e) for e in (0, 24.99, 25, 49.9, 50, 75, 83.4)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-5])
+    vanilla = dataclasses.replace(cfg, method="vanilla")
+    assert lr_at(vanilla, 29.9) == 0.1 and lr_at(vanilla, 30) == pytest.approx(0.01)
+    same_epochs = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, calibrate=False))
+    assert run_epochs(same_epochs) == 105 and lr_at(same_epochs, 29.9) == 0.1
+    warm = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_epochs=6))  # 5 epochs after / 1.2
+    assert lr_at(warm, 2.5) == pytest.approx(0.05) and lr_at(warm, 5) == 0.1
+
+
+def test_every_method_of_a_comparison_spends_the_same_budget_on_the_same_clean_batch():
+    cfgs = baselines(preset("embedded"))
+    assert list(cfgs) == ["fast_advprop", "vanilla", "advprop_pgd5", "advprop_pgd1"]
+    for c in cfgs.values():
+        assert run_epochs(c) * cost_per_epoch(c) == pytest.approx(28)
+        assert split_counts(c, c.data.batch_size)[0] == 64
+        assert c.run.out_dir.endswith(c.method if c.method != "advprop" else f"pgd{c.adv.advprop_steps}")
+    assert [cost_per_epoch(c) for c in cfgs.values()] == [1.2, 1.0, 7.0, 3.0]
+
+
+def test_config_docstring_examples_run():
+    import doctest
+
+    from recipes.fast_advprop import config
+
+    result = doctest.testmod(config)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_overrides_are_dotted_and_typed():
+    cfg, _ = parse(["--preset", "embedded", "method=advprop", "adv.advprop_steps=1", "eval.corruptions=[]"])
+    assert cfg.method == "advprop" and cfg.adv.advprop_steps == 1 and cfg.eval.corruptions == ()
+    with pytest.raises(ValueError, match="no field"):
+        override(cfg, ["adv.p_attack=0.3"])
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        override(cfg, ["optim.lr"])
+    with pytest.raises(ValueError, match="not one of"):
+        override(cfg, ["method=freeat"])
+    with pytest.raises((TypeError, ValueError)):
+        override(cfg, ['optim.epochs="many"'])
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        from_dict(TrainConfig, {"methods": "vanilla"})
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(p_adv=0.0), r"p_adv must be in \(0, 1\]"),
+    (dict(p_adv=1.5), r"p_adv must be in \(0, 1\]"),
+    (dict(beta=0.0), "beta"),
+    (dict(steps=0), "steps"),
+    (dict(bn_groups=0), "bn_groups"),
+])
+def test_adversarial_values_are_checked(change, match):
+    with pytest.raises(ValueError, match=match):
+        Adv(**change)
+
+
+def test_optimizer_and_eval_values_are_checked():
+    with pytest.raises(ValueError, match="milestones"):
+        Optim(epochs=10, milestones=(5, 12))
+    with pytest.raises(ValueError, match="milestones"):
+        Optim(epochs=10, milestones=(6, 3))
+    with pytest.raises(ValueError, match="lr"):
+        Optim(lr=-0.1)
+    with pytest.raises(ValueError, match="severities"):
+        Eval(severities=(0, 6))
+
+
+# ------------------------------------------------------------------------------------------------ bad config
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnet10q")),
+     ValueError, "unknown timm model"),
+    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="vit_tiny_patch16_224", kwargs={})),
+     ValueError, "no BatchNorm"),
+    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnetv2_18", kwargs={})),
+     ValueError, "BatchNormAct2d"),
+    (lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, batch_size=21)),
+     ValueError, "whole number of images"),
+    (lambda c, t: dataclasses.replace(c, adv=dataclasses.replace(c.adv, bn_groups=3)),
+     ValueError, "must divide"),
+    (lambda c, t: dataclasses.replace(c, method="vanilla", data=dataclasses.replace(c.data, batch_size=21),
+                                      adv=Adv(bn_groups=1), augment=Augment(mixup=0.2)),
+     ValueError, "must be even"),
+    (lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"), batch_size=20)),
+     FileNotFoundError, "does not exist"),
+    (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, corruptions=("gaussian_noise", "rain"))),
+     ValueError, r"unknown corruptions \['rain'\]"),
+    (lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, img_size=24)),
+     ValueError, "at least 32 px"),
+])
+def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
+    cfg = change(tiny(tmp_path), tmp_path)
+    monkeypatch.setattr(train, "build_model", lambda *_: pytest.fail("training started"))
+    with pytest.raises(error, match=match):
+        train.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_reports_configuration_errors_cleanly(capsys):
+    from recipes.fast_advprop import launch
+
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--preset", "embedded", "model.name=resnet_nonexistent"])
+    assert "configuration error: unknown timm model" in str(e.value)
+    launch.main(["--preset", "imagenet_resnet50", "--dry-run"])
+    assert json.loads(capsys.readouterr().out)["data"]["batch_size"] == 320
+
+
+# ------------------------------------------------------------------------------------------------ one step
+
+
+def test_fast_advprop_step_equals_a_naive_three_pass_reference_in_float64(tmp_path):
+    """The recipe's step (recycled_step, project, shuffle-BN, sync_update_speed_) against plain autograd.grad."""
+    cfg = tiny(tmp_path)
+    a = cfg.adv
+    torch.manual_seed(0)
+    model = train.build_model(cfg).double().train()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # new = old - gradient
+    g0 = torch.Generator().manual_seed(1)
+    x = torch.rand(20, 3, 32, 32, generator=g0, dtype=torch.float64)
+    y = torch.randint(0, 10, (20,), generator=g0)
+    train.fast_advprop_step(cfg, model, model, opt, x, y, 0, train.step_generator(0, 3, 0), None, train.Dist())
+
+    g = train.step_generator(0, 3, 0)
+    xc, yc, xa, ya = x[:16], y[:16], x[16:], y[16:]
+
+    def loss_sum(route, inputs, targets):
+        with bn_route(ref, route), ghost_bn(ref, groups=2):
+            return cross_entropy(ref(inputs), targets, reduction="none").sum()
+
+    noise = (torch.rand(xa.shape, generator=g) * 2 - 1) * a.eps
+    x0 = torch.minimum(torch.maximum(xa + noise.double(), xa - a.eps), xa + a.eps).clamp(0, 1).requires_grad_(True)
+    loss_noisy = loss_sum("adv", x0, ya)
+    (grad_x,) = torch.autograd.grad(loss_noisy, x0, retain_graph=True)
+    x1 = torch.minimum(torch.maximum(x0.detach() + a.step_size * grad_x.sign(), xa - a.eps), xa + a.eps).clamp(0, 1)
+    perm = shuffle_permutation(torch.arange(4) // 2, groups=2, generator=g)  # 2 attack groups of 2 rows, re-dealt
+    objective = loss_sum("clean", xc, yc) + a.beta * loss_noisy + a.beta * loss_sum("adv", x1[perm], ya[perm])
+    params = list(ref.parameters())
+    grads = torch.autograd.grad(objective, params)
+    groups = split_parameters(ref)
+    n_clean, n_aux = 16.0, a.beta * 4 + a.beta * 4
+    count = {id(p): n_clean + n_aux for p in groups.shared} | {id(p): n_clean for p in groups.clean} | {
+        id(p): n_aux for p in groups.aux}
+    assert [sorted((half // 2).tolist()) for half in perm.view(2, 2)] == [[0, 1], [0, 1]]  # groups re-dealt
+    for p, new, gr in zip(params, model.parameters(), grads):
+        torch.testing.assert_close(new, p - gr / count[id(p)], rtol=1e-9, atol=1e-12)
+
+
+def test_shuffle_bn_spreads_each_attack_group_over_every_bn_group(tmp_path):
+    cfg = dataclasses.replace(tiny(tmp_path), adv=Adv(bn_groups=4))
+    x, y = torch.arange(16.0).view(16, 1), torch.arange(16)
+    xs, ys = train.shuffle_bn(cfg, x, y, torch.Generator().manual_seed(0), train.Dist())
+    assert torch.equal(xs.view(-1).long(), ys) and sorted(ys.tolist()) == list(range(16))
+    for group in ys.view(4, 4):  # every new BN group holds one row of each of the 4 groups of the attack pass
+        assert sorted((group // 4).tolist()) == [0, 1, 2, 3]
+    off = dataclasses.replace(cfg, adv=Adv(bn_groups=4, shuffle_bn=False))
+    assert torch.equal(train.shuffle_bn(off, x, y, torch.Generator(), train.Dist())[1], y)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+# Pinned per-step training losses of tiny() with seed 0 on CPU (fp32, one thread). A change to the recipe's
+# data order, augmentation, attack, BN routing or optimizer moves them; update them only for an intended change.
+PINNED = {
+    "fast_advprop": [2.3053243160247803, 2.442876768112183, 2.4415286779403687, 2.3082578420639037, 2.4258450269699097],
+    "vanilla": [2.2708992958068848, 2.375582218170166, 2.3740196228027344, 2.22503399848938, 2.57179594039917,
+                2.3447422981262207],
+    "advprop_pgd5": [2.580267333984375],
+    "advprop_pgd1": [2.505952072143555, 2.546276664733887],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(PINNED))
+def test_smoke_run_with_pinned_losses_and_run_directory(tmp_path, label):
+    cfg = with_method(tiny(tmp_path), label)
+    out = train.main(cfg)
+    run_dir = tmp_path / "run"
+    got = losses(run_dir)
+    assert len(got) == out["steps"] == {"fast_advprop": 5, "vanilla": 6, "advprop_pgd5": 1, "advprop_pgd1": 2}[label]
+    assert got == pytest.approx(PINNED[label], rel=1e-4, abs=1e-5)
+    (e,) = out["evals"]
+    assert e["n"] == 32 and 0 <= e["pgd2"] <= e["clean"] <= 1
+    assert set(e["corruption_errors"]) == {"gaussian_noise", "contrast"} and e["corruption_n"] == 8
+    assert e["corruption_error"] == pytest.approx(sum(sum(v) for v in e["corruption_errors"].values()) / 4)
+    for name in ("config.json", "meta.json", "metrics.jsonl", "metrics.png", "results.md"):
+        assert (run_dir / name).exists(), name
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert {"git_revision", "torch", "timm", "advtrain", "imagecorruptions"} <= set(meta)
+    assert meta["cost_per_epoch"] == cost_per_epoch(cfg)
+    assert "| contrast |" in (run_dir / "results.md").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if cfg.method == "fast_advprop":
+        assert {"loss_clean", "loss_noisy", "loss_adv"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    ref = train.main(tiny(tmp_path / "a"))["final_weights"]
+    cfg = tiny(tmp_path / "b")
+    first = train.main(cfg, stop_after_samples=40)
+    assert not first["finished"] and not (tmp_path / "b" / "run" / "results.md").exists()
+    resumed = train.main(cfg)
+    assert resumed["finished"]
+    for k, v in ref.items():
+        assert torch.equal(resumed["final_weights"][k], v), k
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = tiny(tmp_path)
+    train.main(cfg, stop_after_samples=80)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    assert [int(p.stem.split("-")[1]) for p in ckpts] == [40, 80]
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
+    logs = []
+    state = train.load_latest_checkpoint(tmp_path / "run", logs.append)
+    assert state["samples_seen"] == 40 and state["step"] == 2
+    assert any("unusable" in m and "falling back" in m for m in logs)
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+
+
+class MeanBrightness(nn.Module):
+    """Classifies an image by its mean pixel value into 64 bins: a model the corruptions visibly move."""
+
+    def forward(self, x):
+        return -(x.mean((1, 2, 3))[:, None] - torch.linspace(0, 1, 64)[None]).abs()
+
+
+def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_library_corruptions(tmp_path):
+    from imagecorruptions import corrupt
+
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=("brightness", "impulse_noise"),
+                                                            severities=(1, 5), corruption_samples=None))
+    images = torch.randint(40, 120, (6, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    model = MeanBrightness()
+    labels = model(images.float() / 255).argmax(1)  # clean error 0
+    val = train.ImageTensors(images, labels)
+    got = train.corruption_eval(cfg, model, val, train.Dist())
+    assert got == train.corruption_eval(cfg, model, val, train.Dist())  # seeded: the same corrupted images
+
+    expected = {}
+    for name in ("brightness", "impulse_noise"):
+        expected[name] = []
+        for s in (1, 5):
+            wrong = 0
+            for i in range(6):
+                seed = train.stable_seed(cfg.run.seed, name, s, i)
+                kwargs = {"seed": seed} if name == "impulse_noise" else {}
+                with train.seeded_host_rng(seed):
+                    img = corrupt(images[i].permute(1, 2, 0).numpy(), corruption_name=name, severity=s, **kwargs)
+                x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
+                wrong += int(model(x).argmax(1).item() != labels[i].item())
+            expected[name].append(wrong / 6)
+    assert {k: pytest.approx(v) for k, v in expected.items()} == got["corruption_errors"]
+    assert got["corruption_error"] == pytest.approx(sum(sum(v) for v in expected.values()) / 4)
+    assert got["corruption_n"] == 6 and expected["brightness"][1] > 0 and expected["impulse_noise"][1] > 0
