@@ -310,7 +310,7 @@ def embedded() -> TrainConfig:
         ),
         eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=eps / 8),
         run=Run(out_dir="runs/advxl-embedded", precision="fp32", checkpoint_every=10_000, log_every=50,
-                compare_standard=True, threads=2),
+                compare_standard=True, threads=1),
     )
 
 
