@@ -302,3 +302,39 @@ def test_singh_preset_is_apgd2_convstem():
     cfg = preset("imagenet_vit_s_convstem")
     assert cfg.model.stem == "conv" and cfg.stages[0].attack.kind == "apgd" and cfg.stages[0].attack.steps == 2
     assert cfg.optim.ema_decay and cfg.augment.mixup and cfg.augment.randaugment
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, result_dir: str):
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import pathlib
+
+    torch.set_num_threads(1)
+    cfg = tiny(pathlib.Path(out_dir))
+    out = train.main(cfg)
+    torch.save(out["final_weights"], f"{result_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_keeps_ranks_in_lockstep(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # one all-reduced update per step on both ranks
+    assert (tmp_path / "run" / "results.md").exists()  # rank 0 wrote the run directory
+
+
+@pytest.mark.slow
+def test_bf16_autocast_run(tmp_path):
+    out = train.main(tiny(tmp_path, precision="bf16"))
+    assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
+    assert out["final_weights"]["inner.head.weight"].dtype == torch.float32  # autocast, not a bf16 model
