@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from advtrain.attacks import _checks
-from advtrain.attacks._pgd import LossFn, _default_loss, _direction, _finalize, random_in_ball
+from advtrain.attacks._pgd import LossFn, _direction, _finalize, prepare_attack, random_in_ball
 from advtrain.attacks._projections import Norm, project_delta
 
 
@@ -110,23 +110,12 @@ def apgd(
         Singh, Croce & Hein, "Revisiting Adversarial Training for ImageNet: Architectures, Training and
         Generalization across Threat Models", NeurIPS 2023, arXiv 2303.01870 (2-step APGD for training).
     """
-    _checks.check_model(model)
-    lo, hi = _checks.check_bounds(bounds)
-    _checks.check_images(x, (lo, hi))
-    _checks.check_norm(norm)
-    steps = _checks.check_steps(steps)
+    a = prepare_attack("apgd", model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
+                       l1_sparsity=l1_sparsity)
     rho = _checks.check_fraction(rho, "rho")
     momentum = _checks.check_fraction(momentum, "momentum")
-    l1_sparsity = _checks.check_fraction(l1_sparsity, "l1_sparsity")
-    _checks.check_targets(y, x.shape[0])
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps64 = _checks.as_eps(eps, x.shape[0], x.device, torch.float64)  # the radius exactly as given
-    eps_t = eps64.to(work)
-    if loss_fn is None:
-        if not isinstance(y, Tensor):
-            raise TypeError(f"the default loss needs y as a tensor of labels or soft targets; got {type(y).__name__}")
-        loss_fn = _default_loss
-    _checks.check_autograd_available("apgd")
+    lo, hi, steps, eps64, eps_t, work, loss_fn, l1_sparsity = (a.lo, a.hi, a.steps, a.eps64, a.eps, a.work, a.loss_fn,
+                                                               a.l1_sparsity)
     if x.numel() == 0:
         return x.detach().clone()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -103,22 +103,10 @@ def pgd(
         Tramer & Boneh, "Adversarial Training and Robustness for Multiple Perturbations", arXiv 1904.13000 (SLIDE).
         Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks", arXiv 2103.01208.
     """
-    _checks.check_model(model)
-    lo, hi = _checks.check_bounds(bounds)
-    _checks.check_images(x, (lo, hi))
-    _checks.check_norm(norm)
-    steps = _checks.check_steps(steps)
-    step_sizes = _checks.check_step_sizes(step_size, steps)
-    l1_sparsity = _checks.check_fraction(l1_sparsity, "l1_sparsity")
-    _checks.check_targets(y, x.shape[0])
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps64 = _checks.as_eps(eps, x.shape[0], x.device, torch.float64)  # the radius exactly as given
-    eps_t = eps64.to(work)
-    if loss_fn is None:
-        if not isinstance(y, Tensor):
-            raise TypeError(f"the default loss needs y as a tensor of labels or soft targets; got {type(y).__name__}")
-        loss_fn = _default_loss
-    _checks.check_autograd_available("pgd")
+    a = prepare_attack("pgd", model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
+                       l1_sparsity=l1_sparsity)
+    step_sizes = _checks.check_step_sizes(step_size, a.steps)
+    lo, hi, eps64, eps_t, work, loss_fn, l1_sparsity = a.lo, a.hi, a.eps64, a.eps, a.work, a.loss_fn, a.l1_sparsity
     if x.numel() == 0:
         return x.detach().clone()
 
@@ -129,6 +117,38 @@ def pgd(
             generator=generator, work=work,
         )
     return _finalize(x, delta, eps64, norm, (lo, hi))
+
+
+class Prepared(NamedTuple):
+    """An attack's checked inputs: box, step count, radii (as given and in the working dtype), loss."""
+
+    lo: float
+    hi: float
+    steps: int
+    eps64: Tensor  # (B,) float64, exactly as given: the final feasibility is checked against it
+    eps: Tensor  # (B,) in the working dtype
+    work: torch.dtype
+    loss_fn: LossFn
+    l1_sparsity: float
+
+
+def prepare_attack(name: str, model, x, y, *, eps, steps, norm, loss_fn, bounds, l1_sparsity) -> Prepared:
+    """The checks every attack shares, all before any work (nothing is half-done when one fails)."""
+    _checks.check_model(model)
+    lo, hi = _checks.check_bounds(bounds)
+    _checks.check_images(x, (lo, hi))
+    _checks.check_norm(norm)
+    steps = _checks.check_steps(steps)
+    l1_sparsity = _checks.check_fraction(l1_sparsity, "l1_sparsity")
+    _checks.check_targets(y, x.shape[0])
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps64 = _checks.as_eps(eps, x.shape[0], x.device, torch.float64)
+    if loss_fn is None:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"the default loss needs y as a tensor of labels or soft targets; got {type(y).__name__}")
+        loss_fn = _default_loss
+    _checks.check_autograd_available(name)
+    return Prepared(lo, hi, steps, eps64, eps64.to(work), work, loss_fn, l1_sparsity)
 
 
 def fgsm(

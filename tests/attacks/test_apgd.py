@@ -357,8 +357,10 @@ def test_reaches_the_closed_form_optimum_on_a_linear_model(norm, active_box, see
                generator=torch.Generator().manual_seed(seed))
     ref = linear_optimum(w.numpy(), x[0].numpy(), eps, norm, 0.0, 1.0)
     value, best_value = float(w @ (out - x)[0]), float(w.numpy() @ ref)
-    # l_inf and l_2 reach it; l1-APGD's equal-weight sparse steps and its step-size floor of eps / 10 come close
-    assert value >= best_value - {"linf": 1e-6, "l2": 1e-6, "l1": 2e-2}[norm] * abs(best_value)
+    # l_inf and l_2 reach it; l1-APGD's equal-weight sparse steps and its step-size floor of eps / 10 come close:
+    # over seeds 0-299 with the box active the relative gap was 0.3% on average, 2.8% at the 99th percentile and
+    # 4.7% at worst (measured 2026-11-24), so 5% is the bound that holds for every seed, not only CI's examples
+    assert value >= best_value - {"linf": 1e-6, "l2": 1e-6, "l1": 5e-2}[norm] * abs(best_value)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
