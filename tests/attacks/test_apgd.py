@@ -337,11 +337,8 @@ def test_the_step_size_halves_onto_an_interior_maximum(norm, seed):
     assert (fixed - c).abs().max() > 0.1 * eps
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("active_box", [False, True])
-@given(seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=10)
-def test_reaches_the_closed_form_optimum_on_a_linear_model(norm, active_box, seed):
+def _linear_gap(norm: str, active_box: bool, seed: int) -> float:
+    """Relative shortfall of apgd's value on a linear model from the closed-form optimum."""
     g = torch.Generator().manual_seed(seed)
     n = 10
     w = torch.randn(n, generator=g, dtype=torch.float64)
@@ -357,10 +354,27 @@ def test_reaches_the_closed_form_optimum_on_a_linear_model(norm, active_box, see
                generator=torch.Generator().manual_seed(seed))
     ref = linear_optimum(w.numpy(), x[0].numpy(), eps, norm, 0.0, 1.0)
     value, best_value = float(w @ (out - x)[0]), float(w.numpy() @ ref)
-    # l_inf and l_2 reach it; l1-APGD's equal-weight sparse steps and its step-size floor of eps / 10 come close:
-    # over seeds 0-299 with the box active the relative gap was 0.3% on average, 2.8% at the 99th percentile and
-    # 4.7% at worst (measured 2026-11-24), so 5% is the bound that holds for every seed, not only CI's examples
-    assert value >= best_value - {"linf": 1e-6, "l2": 1e-6, "l1": 5e-2}[norm] * abs(best_value)
+    return (best_value - value) / abs(best_value)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("active_box", [False, True])
+@given(seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=10)
+def test_reaches_the_closed_form_optimum_on_a_linear_model(norm, active_box, seed):
+    assert _linear_gap(norm, active_box, seed) <= 1e-6
+
+
+@pytest.mark.parametrize("active_box", [False, True])
+def test_l1_apgd_comes_close_to_the_linear_optimum_on_most_problems(active_box):
+    # l1-APGD's equal-weight sparse steps and its step-size floor of eps / 10 make it a heuristic with a heavy
+    # tail: over 1,200 random seeds with the box active the relative gap was median 0.07%, p95 1.6%, p99 5.0%,
+    # worst 20.4% (measured 2026-11-24). So the claim is about the distribution over a fixed set of problems.
+    gaps = np.array([_linear_gap("l1", active_box, seed) for seed in range(100)])
+    print(f"\nl1-APGD gap to the linear optimum (box {'active' if active_box else 'inactive'}, 100 seeds): "
+          f"median {np.median(gaps):.5f}, p95 {np.quantile(gaps, 0.95):.4f}, max {gaps.max():.4f}")
+    assert (gaps >= -1e-9).all()  # never above the optimum: the closed form is right and the output feasible
+    assert np.median(gaps) <= 0.005 and np.quantile(gaps, 0.95) <= 0.03
 
 
 # ---------------------------------------------------------------------------------------------- bad input
