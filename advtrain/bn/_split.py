@@ -356,15 +356,8 @@ def bn_route(
         value = (_check_count(split[0], "n_clean", 0), _check_count(split[1], "n_aux", 0))
         if value == (0, 0):
             raise ValueError("split=(0, 0) routes no row; give n_clean + n_aux > 0")
-    modules = _split_modules(model, "bn_route")
-    saved = [(m, m.route) for m in modules]
-    for m in modules:
-        m.route = value
-    try:
+    with _set_on_split_bns(model, "bn_route", "route", value):
         yield model
-    finally:
-        for m, r in saved:
-            m.route = r
 
 
 @contextmanager
@@ -415,15 +408,22 @@ def ghost_bn(model: nn.Module, *, groups: int) -> Iterator[nn.Module]:
         Mei et al., "Fast AdvProp", arXiv 2204.09838.
     """
     groups = _check_count(groups, "groups", 1)
-    modules = _split_modules(model, "ghost_bn")
-    saved = [(m, m.ghost_groups) for m in modules]
-    for m in modules:
-        m.ghost_groups = groups
-    try:
+    with _set_on_split_bns(model, "ghost_bn", "ghost_groups", groups):
         yield model
+
+
+@contextmanager
+def _set_on_split_bns(model: nn.Module, caller: str, attr: str, value: Any) -> Iterator[None]:
+    """Sets ``attr`` on every split BN of ``model`` for the block, then restores each module's own value."""
+    modules = _split_modules(model, caller)
+    saved = [(m, getattr(m, attr)) for m in modules]
+    for m in modules:
+        setattr(m, attr, value)
+    try:
+        yield
     finally:
-        for m, g in saved:
-            m.ghost_groups = g
+        for m, v in saved:
+            setattr(m, attr, v)
 
 
 class SplitParameters(NamedTuple):

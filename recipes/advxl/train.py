@@ -469,11 +469,6 @@ def load_init_weights(cfg: TrainConfig, model: Normalized, log) -> None:
         f"missing: {sorted(missing)}; unexpected: {sorted(unexpected)}")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms, position embeddings, class tokens and the temperature."""
     decay, no_decay = [], []
@@ -605,12 +600,7 @@ class TextMode:
         from advtrain.losses import ZeroShotHead, text_classifier
 
         w = text_classifier(self.tower, names, templates=list(templates), cache=self.cache)
-        return nn.Sequential(raw, ZeroShotHead(w, logit_scale=unwrap_scale(raw)))
-
-
-def unwrap_scale(raw: nn.Module) -> Tensor:
-    inner = raw.module if hasattr(raw, "module") else raw
-    return inner.logit_scale.detach()
+        return nn.Sequential(raw, ZeroShotHead(w, logit_scale=raw.logit_scale.detach()))
 
 
 # ================================================================================================ evaluation
