@@ -32,6 +32,16 @@ def identity_loss(output, y):
     return output
 
 
+def _shrink_into_ball(p: np.ndarray, x: np.ndarray, eps: float, order: int) -> np.ndarray:
+    """Pulls a solver's answer straight towards x until it satisfies ||p - x|| <= eps.
+
+    SLSQP stops with the ball constraint violated by up to ~1e-7, which makes its point look *closer* to z than the
+    exact projection. Shrinking towards x (inside the box, which is convex and holds x) makes it feasible again.
+    """
+    r = np.linalg.norm(p - x, ord=order)
+    return p if r <= eps else x + (p - x) * (eps / r)
+
+
 def brute_force_projection(z: np.ndarray, x: np.ndarray, eps: float, norm: str, lo: float, hi: float) -> np.ndarray:
     """Solves min ||p - z||^2 s.t. ||p - x|| <= eps, lo <= p <= hi with SLSQP (l1 split into p - x = u - v)."""
     n = z.size
@@ -50,7 +60,7 @@ def brute_force_projection(z: np.ndarray, x: np.ndarray, eps: float, norm: str, 
         ]
         r = minimize(obj, w0, jac=jac, constraints=cons, bounds=[(0, None)] * (2 * n), method="SLSQP",
                      options={"ftol": 1e-15, "maxiter": 1000})
-        return x + r.x[:n] - r.x[n:]
+        return _shrink_into_ball(x + r.x[:n] - r.x[n:], x, eps, 1)
     if norm == "l2":
         obj = lambda p: np.sum((p - z) ** 2)  # noqa: E731
         jac = lambda p: 2 * (p - z)  # noqa: E731
@@ -58,7 +68,7 @@ def brute_force_projection(z: np.ndarray, x: np.ndarray, eps: float, norm: str, 
         p0 = x.copy()
         r = minimize(obj, p0, jac=jac, constraints=cons, bounds=[(lo, hi)] * n, method="SLSQP",
                      options={"ftol": 1e-15, "maxiter": 1000})
-        return r.x
+        return _shrink_into_ball(np.clip(r.x, lo, hi), x, eps, 2)
     if norm == "linf":
         return np.clip(z, np.maximum(lo, x - eps), np.minimum(hi, x + eps))
     raise ValueError(norm)
