@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 import advtrain
 from advtrain import pgd
+from advtrain.attacks import detach_params
 from advtrain.eval import autoattack, evaluate, format_resolution_table, plot_resolution, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
@@ -339,21 +340,25 @@ def _to_rgb(images: Tensor, size: int) -> Tensor:
 class ShardedSampler(torch.utils.data.Sampler):
     """A seeded per-epoch permutation dealt across ranks, yielding ``(epoch, index)`` keys; resumable.
 
-    The epoch travels with each key, so per-sample augmentation can be seeded by (seed, epoch, index) inside
-    worker processes without shared state. State: (epoch, position).
+    The permutation is cut into global batches of ``world x batch`` and each rank takes its ``batch``-sized slice
+    of every global batch, so a step's images across all ranks are exactly the images one process would take at
+    that step with the same global batch (only complete global batches are dealt: equal counts on every rank keep
+    DDP in lockstep). The epoch travels with each key, so per-sample augmentation can be seeded by
+    (seed, epoch, index) inside worker processes without shared state. State: (epoch, position).
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int, world: int):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+    def __init__(self, n: int, *, seed: int, rank: int, world: int, batch: int):
+        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
         self.epoch, self.pos = 0, 0
 
     def _indices(self) -> list[int]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        per_rank = self.n // self.world  # equal counts on every rank, so DDP steps stay in lockstep
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        g = self.batch * self.world
+        full = perm[: self.n // g * g].view(-1, self.world, self.batch)
+        return full[:, self.rank].reshape(-1).tolist()
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return self.n // (self.batch * self.world) * self.batch
 
     def __iter__(self):
         idx = self._indices()
@@ -377,7 +382,8 @@ def make_loader(cfg: TrainConfig, ds, dd: Dist, *, train: bool) -> StatefulDataL
         common["persistent_workers"] = False
     if isinstance(ds, IterableDataset):
         return StatefulDataLoader(ds, **common)
-    sampler = ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world) if train else None
+    sampler = (ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world, batch=per_rank)
+               if train else None)
     return StatefulDataLoader(ds, sampler=sampler, shuffle=False, **common)
 
 
@@ -531,7 +537,7 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, step: int, dd: Dist, mixup,
-               text) -> float:
+               text, attacker=None) -> float:
     """One optimizer step: mix, reduce, attack (eval mode, same token indices), forward, backward, clip, step."""
     x = batch[0].to(dd.device, non_blocking=True).float().div_(255)
     y = batch[1].to(dd.device, non_blocking=True)
@@ -541,6 +547,7 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
             x, y = mixup(x, y)  # soft targets; the attack uses them too
     x, idx = reduce_batch(x, stage, raw, g)
     a = stage.attack
+    attacker = raw if attacker is None else attacker
     if text is not None:  # CLIP-text mode: targets are the frozen text features of the captions
         y = text.features(batch[2]).to(dd.device)
     loss_fn = text.attack_loss(raw) if text is not None else None
@@ -551,10 +558,10 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
             if a.kind == "apgd":
                 from advtrain.attacks import apgd
 
-                x = apgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, steps=a.steps, norm=a.norm,
+                x = apgd(functools.partial(attacker, indices=idx), x, y, eps=a.eps * ramp, steps=a.steps, norm=a.norm,
                          random_start=a.random_start, loss_fn=loss_fn, generator=g)
             else:
-                x = pgd(functools.partial(raw, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
+                x = pgd(functools.partial(attacker, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
                         steps=a.steps, norm=a.norm, random_start=a.random_start, loss_fn=loss_fn, generator=g)
         raw.train()
     with autocast(cfg, dd.device):
@@ -695,6 +702,20 @@ def load_latest_checkpoint(run_dir: Path, log) -> dict | None:
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
             log(f"checkpoint {path.name} is unusable ({type(err).__name__}: {err}); falling back to the previous one")
     return None
+
+
+def drop_metrics_after(path: Path, samples: int) -> int:
+    """Keeps the metric lines at or before ``samples`` (the resumed checkpoint's); returns how many were dropped.
+
+    A preempted run logged steps past its last checkpoint; the resumed run logs them again.
+    """
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("samples", 0) <= samples]
+    if len(keep) != len(lines):
+        path.write_text("".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 def rng_state() -> dict:
@@ -877,14 +898,22 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     raw = model
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
+    attacker = raw  # the attack's view of the model: eager autograd prunes weight gradients by itself
     if cfg.run.compile:
         model = torch.compile(model)
+        # a compiled backward computes the gradient of every input that requires one: compile a view whose
+        # parameters are detached, so that the attack's backward computes the input gradient only
+        attacker = torch.compile(detach_params(raw))
     mixup = None
     if cfg.augment.mixup or cfg.augment.cutmix:
         from timm.data import Mixup
 
         mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix,
                       label_smoothing=cfg.augment.label_smoothing, num_classes=cfg.model.num_classes)
+    if state is not None and dd.main:
+        dropped = drop_metrics_after(run_dir / "metrics.jsonl", state["samples_seen"])
+        if dropped:
+            log(f"dropped {dropped} metric lines logged after that checkpoint (they are logged again)")
     metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
 
     def checkpoint() -> Path | None:
@@ -913,14 +942,19 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
             it = iter(loader)
             batch = next(it)
         t0 = time.perf_counter()
-        loss = train_step(cfg, model, raw, opt, ema, batch, stage, in_stage, step, dd, mixup, text)
+        loss = train_step(cfg, model, raw, opt, ema, batch, stage, in_stage, step, dd, mixup, text, attacker)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step} (stage {stage.name}); lower optim.lr?")
         samples += cfg.data.batch_size
         step += 1
         bar.update(cfg.data.batch_size)
         bar.set_postfix(stage=stage.name, px=stage.img_size, loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if metrics and (step % cfg.run.log_every == 0 or step == 1):
+        log_now = step % cfg.run.log_every == 0 or step == 1
+        if log_now and dd.world > 1:  # the logged loss is the global batch's, as one process would log it
+            t = torch.tensor([loss], dtype=torch.float64, device=dd.device)
+            dist.all_reduce(t)
+            loss = float(t) / dd.world
+        if metrics and log_now:
             metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "stage": stage.name,
                                       "loss": loss, "lr": opt.param_groups[0]["lr"],
                                       "img_per_s": cfg.data.batch_size / (time.perf_counter() - t0)}) + "\n")

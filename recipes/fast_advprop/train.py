@@ -355,21 +355,25 @@ def train_size(cfg: TrainConfig, ds) -> int:
 class ShardedSampler(torch.utils.data.Sampler):
     """A seeded per-epoch permutation dealt across ranks, yielding ``(epoch, index)`` keys; resumable.
 
-    The epoch travels with each key, so per-sample augmentation can be seeded by (seed, epoch, index) inside
-    worker processes without shared state. State: (epoch, position).
+    The permutation is cut into global batches of ``world x batch`` and each rank takes its ``batch``-sized slice
+    of every global batch, so a step's images across all ranks are exactly the images one process would take at
+    that step with the same global batch (only complete global batches are dealt: equal counts on every rank keep
+    DDP in lockstep). The epoch travels with each key, so per-sample augmentation can be seeded by
+    (seed, epoch, index) inside worker processes without shared state. State: (epoch, position).
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int, world: int):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+    def __init__(self, n: int, *, seed: int, rank: int, world: int, batch: int):
+        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
         self.epoch, self.pos = 0, 0
 
     def _indices(self) -> list[int]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        per_rank = self.n // self.world  # equal counts on every rank, so DDP steps stay in lockstep
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        g = self.batch * self.world
+        full = perm[: self.n // g * g].view(-1, self.world, self.batch)
+        return full[:, self.rank].reshape(-1).tolist()
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return self.n // (self.batch * self.world) * self.batch
 
     def __iter__(self):
         idx = self._indices()
@@ -391,7 +395,8 @@ def make_loader(cfg: TrainConfig, ds, dd: Dist, *, train: bool) -> StatefulDataL
                   pin_memory=dd.device.type == "cuda", collate_fn=_collate)
     if isinstance(ds, IterableDataset):
         return StatefulDataLoader(ds, **common)
-    sampler = ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world) if train else None
+    sampler = (ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world, batch=per_rank)
+               if train else None)
     return StatefulDataLoader(ds, sampler=sampler, shuffle=False, **common)
 
 
@@ -733,6 +738,20 @@ def load_latest_checkpoint(run_dir: Path, log) -> dict | None:
     return None
 
 
+def drop_metrics_after(path: Path, samples: int) -> int:
+    """Keeps the metric lines at or before ``samples`` (the resumed checkpoint's); returns how many were dropped.
+
+    A preempted run logged steps past its last checkpoint; the resumed run logs them again.
+    """
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("samples", 0) <= samples]
+    if len(keep) != len(lines):
+        path.write_text("".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
+
+
 def rng_state() -> dict:
     py = random.getstate()
     return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
@@ -966,6 +985,10 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
 
         mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix,
                       label_smoothing=cfg.augment.label_smoothing, num_classes=cfg.model.num_classes)
+    if state is not None and dd.main:
+        dropped = drop_metrics_after(run_dir / "metrics.jsonl", state["step"] * batch)
+        if dropped:
+            log(f"dropped {dropped} metric lines logged after that checkpoint (they are logged again)")
     metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
     log(f"{cfg.method}: {run_epochs(cfg):.2f} epochs = {total} steps of {batch} images "
         f"(cost {cost_per_epoch(cfg):g}x vanilla per epoch, budget {o.epochs:g} vanilla epochs)")

@@ -1,0 +1,116 @@
+"""The submitit launcher without a cluster: options, dry runs, bad options, and a job through the local executor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from recipes import cluster
+from recipes.advxl import launch as advxl_launch
+from recipes.advxl import train
+from recipes.fast_advprop import launch as fast_launch
+from recipes.fast_advprop.train import drop_metrics_after
+from tests.recipes.test_advxl import tiny
+
+
+def test_options_become_executor_parameters():
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task",
+                                  "12", "--partition", "gpu", "--account", "proj", "--time", "2880", "--mem-gb", "400",
+                                  "--sbatch", "qos=high", "--sbatch=--mem-per-gpu=80G"])
+    p = cluster.executor_parameters(args, name="advxl")
+    assert p == dict(name="advxl", timeout_min=2880, nodes=2, tasks_per_node=8, gpus_per_node=8, cpus_per_task=12,
+                     mem_gb=400, slurm_partition="gpu", slurm_account="proj",
+                     slurm_additional_parameters={"qos": "high", "mem_per_gpu": "80G"})
+
+
+def test_cpu_job_asks_for_no_gpus():
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--tasks-per-node", "2"])
+    p = cluster.executor_parameters(args, name="advxl")
+    assert p["tasks_per_node"] == 2 and "gpus_per_node" not in p  # "--gpus-per-node=0" is rejected without gres
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--cluster", "slurm", "--gpus-per-node", "4", "--tasks-per-node", "2"], "one process per GPU"),
+    (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
+    (["--cluster", "local", "--partition", "gpu"], "--cluster slurm only"),
+    (["--cluster", "slurm", "--sbatch", "qos"], "KEY=VALUE"),
+    (["--cluster", "slurm", "--time", "0"], "--time must be >= 1"),
+])
+def test_bad_options_are_refused_by_name(argv, match):
+    _, args = advxl_launch.parse(argv)
+    with pytest.raises(ValueError, match=match):
+        cluster.executor_parameters(args, name="advxl")
+
+
+def test_batch_that_does_not_split_over_the_processes_exits_before_submitting(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        advxl_launch.main(["--cluster", "slurm", "--tasks-per-node", "3", "--job-dir", str(tmp_path / "jobs"),
+                           f"run.out_dir={json.dumps(str(tmp_path / 'run'))}"])
+    assert "must divide evenly over 3 processes" in str(exc.value)
+    assert not (tmp_path / "jobs").exists()  # nothing was submitted
+
+
+@pytest.mark.parametrize("launcher, recipe", [(advxl_launch, "advxl"), (fast_launch, "fast_advprop")])
+def test_dry_run_prints_the_sbatch_script_and_submits_nothing(launcher, recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    launcher.main(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
+                   "--partition", "gpu", "--account", "proj", "--time", "120", "--sbatch", "qos=high",
+                   "--sbatch=--mem-per-gpu=80G", "--dry-run",
+                   "run.out_dir=\"runs/x\""])
+    out = capsys.readouterr().out
+    head, script = out.split("# sbatch script that would be submitted:")
+    info = json.loads(head)
+    assert info["world_size"] == 8 and info["config"]["run"]["out_dir"] == str(tmp_path / "runs" / "x")  # absolute
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --time=120", "#SBATCH --qos=high", "#SBATCH --mem-per-gpu=80G", f"#SBATCH --job-name={recipe}", "#SBATCH --signal=USR2@"):
+        assert line in script, line
+    assert "srun" in script and "submitit.core._submit" in script
+    assert not (tmp_path / "runs").exists()
+
+
+def test_job_object_requeues_itself_on_checkpoint(tmp_path):
+    job = cluster.RecipeJob("advxl", tiny(tmp_path))
+    delayed = job.checkpoint()
+    again = delayed.function
+    assert isinstance(again, cluster.RecipeJob) and again.recipe == "advxl" and again.cfg == job.cfg
+    assert delayed.args == () and delayed.kwargs == {}
+
+
+def test_summary_drops_weights_and_tensors():
+    s = cluster._summary({"final_weights": {"w": torch.ones(2)}, "evals": [{"clean": 0.5}], "t": torch.tensor([1.0])})
+    assert s == {"evals": [{"clean": 0.5}], "t": [1.0]}
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_same_job_and_returns_its_summary(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    _, args = advxl_launch.parse(["--cluster", "local"])
+    result = cluster.launch("advxl", cfg, args, check=advxl_launch.check)
+    reference = train.main(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "ref"))))
+    out = capsys.readouterr().out
+    assert "submitted advxl as job" in out and "finished" in out and "results.md" in out
+    assert result["finished"] and "final_weights" not in result
+    # one process, same config and thread count: the job's evaluation equals the in-process run's
+    assert result["evals"] == reference["evals"]
+
+
+@pytest.mark.slow
+def test_local_executor_reports_a_failing_job(tmp_path):
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e12, clip_grad=None))
+    _, args = advxl_launch.parse(["--cluster", "local"])
+    with pytest.raises(cluster.JobFailed, match="FloatingPointError"):
+        cluster.launch("advxl", cfg, args, check=advxl_launch.check)
+
+
+def test_resumed_run_drops_metric_lines_logged_after_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "samples": s} for s in (64, 128, 192)] + [{"kind": "eval", "samples": 192}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert drop_metrics_after(path, 128) == 2
+    assert [json.loads(line)["samples"] for line in path.read_text().splitlines()] == [64, 128]
+    assert drop_metrics_after(path, 128) == 0 and drop_metrics_after(tmp_path / "absent.jsonl", 0) == 0
