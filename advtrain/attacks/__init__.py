@@ -3,11 +3,16 @@
 Every attack follows one contract: a detached result of ``x``'s shape, dtype and device, inside the ball and the
 box; the model's mode, parameters, buffers and ``.grad`` left as found; input gradients via
 ``torch.autograd.grad``; randomness only from ``generator=``.
+
+To compile an attack, compile :func:`detach_params` of the model rather than the model itself: the compiled
+backward of a model whose parameters require gradients computes every weight gradient even when only the input's
+is asked for.
 """
 
 from advtrain.attacks._apgd import apgd
+from advtrain.attacks._detached import DetachedParams, detach_params
 from advtrain.attacks._pgd import fgsm, pgd, random_in_ball
 from advtrain.attacks._project import project
 from advtrain.attacks._projections import Norm
 
-__all__ = ["Norm", "apgd", "fgsm", "pgd", "project", "random_in_ball"]
+__all__ = ["DetachedParams", "Norm", "apgd", "detach_params", "fgsm", "pgd", "project", "random_in_ball"]
