@@ -8,8 +8,9 @@ Here: a tiny ViT on scikit-learn's 8 x 8 digits (upsampled to 32 px, pixels in [
 (`resize_reduce`, 16 patches) with a 50% random mask (8 patches kept) and PGD-1; stage 2 resamples the
 position embedding to 32 px (`resample_vit_`, 64 patches) and fine-tunes on every token; then clean and
 PGD-10 accuracy at 32 px. About 15 s on one CPU core (torch 2.14); on the 297 held-out digits (seed 0) it
-reached 66% clean and 63% PGD-10 accuracy at eps 2/255 (71% clean at 16 px after stage 1): a demonstration
-of the plumbing, not of accuracy.
+reached 68.7% clean and 67.0% PGD-10 accuracy at eps 2/255 (55.2% clean at 16 px after stage 1), measured
+2026-12-01 (an earlier CPU gave 66% / 63% / 71%: float rounding differs across CPUs): a demonstration of the
+plumbing, not of accuracy.
 
     .venv/bin/python examples/reduced_tokens_attack.py
 """

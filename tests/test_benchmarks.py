@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end on CPU (a smoke run: no timing is asserted; figures live in benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_at_step_cpu_preset_measures_every_row(tmp_path):
+    at_step = _load("at_step")
+    rows = at_step.main(["--preset", "cpu", "--iters", "1", "--warmup", "0", "--models", "ResNet-18",
+                         "--out", str(tmp_path / "at_step")])
+    names = [r["row"] for r in rows]
+    assert names[:4] == ["clean", "pgd1", "pgd3", "free"]
+    assert all(r["img_per_s"] > 0 and r["ms"] > 0 for r in rows)
+    assert rows[0]["rel_clean"] == 1.0 and {r["floor"] for r in rows[:3]} == {1.0, 5 / 3, 3.0}
+    saved = json.loads((tmp_path / "at_step.json").read_text())
+    assert saved["rows"] == rows and saved["meta"]["device"] and saved["meta"]["torch"]
+    assert (tmp_path / "at_step.md").read_text().startswith("| model | step |")
+
+
+def test_floors_follow_the_forward_backward_count():
+    at_step = _load("at_step")
+    assert at_step.floor_of("pgd1") == pytest.approx(5 / 3) and at_step.floor_of("pgd3") == 3.0
+    assert at_step.floor_of("free") == 1.0 and at_step.floor_of("stage1 112px pgd1 (batch 512)") is None
