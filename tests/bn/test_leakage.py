@@ -16,10 +16,11 @@ statistics, and normalizing the adversarial rows in the same groups again makes 
 (the attack in eval mode, no batch statistics) shows no shuffle effect, which pins the gap on that coupling.
 
     run (training accuracy, seed 0, CPU, torch 2.14.1)   clean    noisy    adversarial
-    train-mode attack, no shuffle-BN                     0.816    0.803    0.513
-    train-mode attack, shuffle-BN                        0.816    0.797    0.690
-    eval-mode attack, no shuffle-BN (control)            0.819    0.994    0.545
-    eval-mode attack, shuffle-BN (control)               0.819    0.994    0.546
+    train-mode attack, no shuffle-BN                     0.815    0.803    0.509
+    train-mode attack, shuffle-BN                        0.818    0.801    0.695
+    eval-mode attack, no shuffle-BN (control)            0.813    0.995    0.550
+    eval-mode attack, shuffle-BN (control)               0.818    0.994    0.549
+    (2026-12-01; an earlier CPU printed 0.816/0.803/0.513, 0.816/0.797/0.690, 0.819/0.994/0.545, 0.819/0.994/0.546)
 
 Seeds 1-3 give the same picture (adversarial 0.50-0.52 without, 0.69-0.70 with shuffle-BN; controls within 0.006).
 No variant tried leaked either: 10 or 50 classes, eps 0.1-2, groups of 2-8 rows, PGD-1 from the clean image, a
