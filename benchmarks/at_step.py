@@ -230,6 +230,15 @@ def measure(spec: ModelSpec, args, device: torch.device) -> list[dict]:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'CPU'} ({len(names) or '?'} cores)"
+
+
 def table(results: list[dict]) -> str:
     lines = ["| model | step | batch | px | img/s | cost vs clean (per image) | floor | peak mem (GiB) | mem vs clean |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
     md = table(results)
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
                 threads=torch.get_num_threads(), compile=args.compile, dtype=args.dtype, iters=args.iters,
                 command="python benchmarks/at_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(md)

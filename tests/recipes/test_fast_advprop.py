@@ -348,3 +348,48 @@ def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_librar
     assert {k: pytest.approx(v) for k, v in expected.items()} == got["corruption_errors"]
     assert got["corruption_error"] == pytest.approx(sum(sum(v) for v in expected.values()) / 4)
     assert got["corruption_n"] == 6 and expected["brightness"][1] > 0 and expected["impulse_noise"][1] > 0
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
+    import os
+    import pathlib
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = tiny(pathlib.Path(out_dir))
+    # 40 a step, 20 per rank: 16 clean + 4 attacked in 2 BN groups on each rank
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=()),
+                              data=dataclasses.replace(cfg.data, batch_size=40, train_size=80))
+    out = train.main(cfg)
+    torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_shuffles_across_ranks_and_keeps_ranks_in_lockstep(tmp_path):
+    """The recipe's cross-rank shuffle-BN path end to end: 2 gloo processes, one all-reduced update per step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    params = [k for k in w0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    # parameters move in lockstep; BatchNorm running statistics are per-rank (each rank's own batches)
+    assert all(torch.equal(w0[k], w1[k]) for k in params), [k for k in params if not torch.equal(w0[k], w1[k])]
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["world_size"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
+
+
+@pytest.mark.slow
+def test_bf16_autocast_run(tmp_path):
+    out = train.main(dataclasses.replace(tiny(tmp_path), run=dataclasses.replace(tiny(tmp_path).run,
+                                                                                  precision="bf16")))
+    assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
+    assert all(v.dtype != torch.bfloat16 for v in out["final_weights"].values())  # autocast, not a bf16 model
