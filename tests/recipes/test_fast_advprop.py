@@ -393,3 +393,25 @@ def test_bf16_autocast_run(tmp_path):
                                                                                   precision="bf16")))
     assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
     assert all(v.dtype != torch.bfloat16 for v in out["final_weights"].values())  # autocast, not a bf16 model
+
+
+@pytest.mark.parametrize("method", ["fast_advprop", "advprop"])
+def test_mixup_and_cutmix_touch_only_the_clean_images(tmp_path, monkeypatch, method):
+    cfg = tiny(tmp_path, method=method)
+    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, mixup=0.2, cutmix=1.0),
+                              data=dataclasses.replace(cfg.data, batch_size=20))
+    passes, real_pass = [], train.train_pass
+
+    def spy(cfg_, model, raw, x, y, *, route, **kw):
+        passes.append((route, x.shape[0], y.ndim))
+        return real_pass(cfg_, model, raw, x, y, route=route, **kw)
+
+    monkeypatch.setattr(train, "train_pass", spy)
+    out = train.main(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=0.5, milestones=(0.25,))))
+    assert out["finished"] and passes
+    n_clean = train.split_counts(cfg, 20)[0] if method == "fast_advprop" else 20
+    for route, n, ndim in passes:
+        if route == "clean":
+            assert (n, ndim) == (n_clean, 2)  # mixed: soft targets
+        else:
+            assert ndim == 1  # the attacked images keep their hard labels
