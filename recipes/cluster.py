@@ -241,7 +241,11 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
             print("\n# sbatch script that would be submitted:\n" + sbatch_script(executor))
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    job = executor.submit(RecipeJob(recipe, cfg))
+    try:
+        job = executor.submit(RecipeJob(recipe, cfg))
+    except Exception as err:  # sbatch missing, controller down, a partition or account it refuses...
+        hint = " Is SLURM reachable from here (`sinfo`)?" if args.cluster == "slurm" else ""
+        raise JobFailed(f"could not submit the {recipe} job ({type(err).__name__}): {str(err).strip()}.{hint}") from err
     print(f"[cluster] submitted {recipe} as job {job.job_id} ({args.cluster}, {world} process"
           f"{'es' if world > 1 else ''})\n[cluster] stdout: {job.paths.stdout}\n[cluster] stderr: {job.paths.stderr}"
           f"\n[cluster] run directory: {cfg.run.out_dir}", flush=True)

@@ -114,3 +114,16 @@ def test_resumed_run_drops_metric_lines_logged_after_its_checkpoint(tmp_path):
     assert drop_metrics_after(path, 128) == 2
     assert [json.loads(line)["samples"] for line in path.read_text().splitlines()] == [64, 128]
     assert drop_metrics_after(path, 128) == 0 and drop_metrics_after(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_a_refused_submission_exits_with_the_reason(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    sbatch = fake / "sbatch"  # an sbatch that refuses, as one does when the controller is down
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name' >&2\n"
+                      "exit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    with pytest.raises(SystemExit) as exc:
+        advxl_launch.main(["--cluster", "slurm", "--partition", "nope", f"run.out_dir=\"{tmp_path / 'run'}\""])
+    assert "could not submit the advxl job" in str(exc.value) and "Invalid partition name" in str(exc.value)
