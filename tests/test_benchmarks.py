@@ -38,3 +38,31 @@ def test_floors_follow_the_forward_backward_count():
     at_step = _load("at_step")
     assert at_step.floor_of("pgd1") == pytest.approx(5 / 3) and at_step.floor_of("pgd3") == 3.0
     assert at_step.floor_of("free") == 1.0 and at_step.floor_of("stage1 112px pgd1 (batch 512)") is None
+
+
+def test_cifar_augment_is_a_reflect_padded_crop_and_a_flip():
+    c10 = _load("cifar10_reference")
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.rand(6, 3, 32, 32)
+    g = torch.Generator().manual_seed(3)
+    out = c10.augment(x, g)
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    dy, dx = torch.randint(0, 9, (6, 1, 1, 1), generator=g), torch.randint(0, 9, (6, 1, 1, 1), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    for i in range(6):
+        crop = padded[i, :, dy[i, 0, 0, 0] : dy[i, 0, 0, 0] + 32, dx[i, 0, 0, 0] : dx[i, 0, 0, 0] + 32]
+        assert torch.equal(out[i], crop.flip(2) if flip[i] else crop)
+
+
+@pytest.mark.slow
+def test_cifar10_reference_smoke_run(shared_datasets, tmp_path):
+    c10 = _load("cifar10_reference")
+    r = c10.main(["--device", "cpu", "--data", str(shared_datasets / "cifar10"), "--limit", "256", "--epochs", "1",
+                  "--batch", "64", "--width", "8", "--eval-limit", "64", "--pgd-steps", "2",
+                  "--out", str(tmp_path / "c10")])
+    assert r["train_images"] == 256 and r["test_images"] == 64 and r["train_seconds"] > 0
+    assert 0 <= r["pgd"] <= 1 and 0 <= r["clean"] <= 1
+    assert json.loads((tmp_path / "c10.json").read_text())["result"] == r
