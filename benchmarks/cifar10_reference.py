@@ -113,8 +113,7 @@ def train(args, model: nn.Module, xs: Tensor, ys: Tensor, device: torch.device) 
             attack = functools.partial(pgd, eps=EPS, step_size=5 / 255, steps=2, generator=g)
         case "none":
             attack = None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else torch.autocast(device.type,
-                                                                                             enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     model.train()
     start = time.perf_counter()
     if device.type == "cuda":

@@ -79,10 +79,9 @@ def executor_parameters(args: argparse.Namespace, *, name: str) -> dict[str, Any
         >>> executor_parameters(a, name="advxl")["tasks_per_node"], executor_parameters(a, name="advxl")["slurm_partition"]
         (8, 'gpu')
     """
-    for opt in ("nodes", "gpus_per_node", "time", "max_requeues"):
-        if getattr(args, opt) < (1 if opt in ("nodes", "time") else 0):
-            raise ValueError(f"--{opt.replace('_', '-')} must be >= {1 if opt in ('nodes', 'time') else 0}, "
-                             f"got {getattr(args, opt)}")
+    for opt, least in (("nodes", 1), ("gpus_per_node", 0), ("time", 1), ("max_requeues", 0)):
+        if getattr(args, opt) < least:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= {least}, got {getattr(args, opt)}")
     tasks = args.tasks_per_node if args.tasks_per_node is not None else max(1, args.gpus_per_node)
     if tasks < 1:
         raise ValueError(f"--tasks-per-node must be >= 1, got {tasks}")

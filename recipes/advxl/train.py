@@ -537,8 +537,11 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, step: int, dd: Dist, mixup,
-               text, attacker=None) -> float:
-    """One optimizer step: mix, reduce, attack (eval mode, same token indices), forward, backward, clip, step."""
+               text, attacker: nn.Module) -> float:
+    """One optimizer step: mix, reduce, attack (eval mode, same token indices), forward, backward, clip, step.
+
+    ``attacker`` is the model the attack differentiates: ``raw``, or a compiled ``detach_params(raw)`` view.
+    """
     x = batch[0].to(dd.device, non_blocking=True).float().div_(255)
     y = batch[1].to(dd.device, non_blocking=True)
     g = step_generator(cfg.run.seed, step, dd.rank)
@@ -547,7 +550,6 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
             x, y = mixup(x, y)  # soft targets; the attack uses them too
     x, idx = reduce_batch(x, stage, raw, g)
     a = stage.attack
-    attacker = raw if attacker is None else attacker
     if text is not None:  # CLIP-text mode: targets are the frozen text features of the captions
         y = text.features(batch[2]).to(dd.device)
     loss_fn = text.attack_loss(raw) if text is not None else None
