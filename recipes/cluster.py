@@ -17,14 +17,17 @@ script, and submits nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 __all__ = ["add_cluster_args", "launch", "RecipeJob", "executor_parameters", "absolute_paths", "sbatch_script",
            "follow", "JobFailed"]
@@ -172,9 +175,15 @@ class RecipeJob:
 
 
 def _executor(args: argparse.Namespace, folder: Path, params: dict):
+    """submitit's executor. A dry run renders the sbatch script on any machine: submitit refuses to build a SLURM
+    executor where ``srun`` is missing (a laptop), so for a dry run that check is bypassed while it is built."""
     import submitit
+    from submitit.slurm.slurm import SlurmExecutor
 
-    ex = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
+    preview = args.dry_run and args.cluster == "slurm" and shutil.which("srun") is None
+    bypass = mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    with bypass if preview else contextlib.nullcontext():
+        ex = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
     ex.update_parameters(**params)
     return ex
 
@@ -232,7 +241,11 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
     cfg = absolute_paths(cfg)
     check(cfg, world)
     folder = Path(args.job_dir).resolve() if args.job_dir else Path(cfg.run.out_dir) / "submitit"
-    executor = _executor(args, folder, params)
+    try:
+        executor = _executor(args, folder, params)
+    except RuntimeError as err:  # submitit: no srun on this machine
+        raise JobFailed(f"could not set up a {args.cluster} submission of {recipe}: {err} (run this on a login node "
+                        "of the cluster; --dry-run prints the sbatch script anywhere)") from err
     if args.dry_run:
         print(json.dumps({"cluster": args.cluster, "world_size": world, "job_dir": str(folder),
                           "executor": params, "config": cfg.to_dict()}, indent=2))

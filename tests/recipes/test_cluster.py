@@ -123,7 +123,21 @@ def test_a_refused_submission_exits_with_the_reason(tmp_path, monkeypatch):
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name' >&2\n"
                       "exit 1\n")
     sbatch.chmod(0o755)
+    srun = fake / "srun"  # submitit only builds a SLURM executor where srun exists; this machine may have none
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
     with pytest.raises(SystemExit) as exc:
         advxl_launch.main(["--cluster", "slurm", "--partition", "nope", f"run.out_dir=\"{tmp_path / 'run'}\""])
     assert "could not submit the advxl job" in str(exc.value) and "Invalid partition name" in str(exc.value)
+
+
+def test_without_srun_a_dry_run_still_prints_the_script_and_a_submission_says_why_not(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # a laptop: no SLURM client at all
+    advxl_launch.main(["--cluster", "slurm", "--partition", "gpu", "--dry-run", f"run.out_dir=\"{tmp_path / 'run'}\""])
+    assert "#SBATCH --partition=gpu" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        advxl_launch.main(["--cluster", "slurm", f"run.out_dir=\"{tmp_path / 'run'}\""])
+    assert "could not set up a slurm submission of advxl" in str(exc.value) and "srun" in str(exc.value)
