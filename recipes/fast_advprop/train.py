@@ -476,13 +476,25 @@ def training_loss(cfg: TrainConfig):
     return loss_fn
 
 
-def train_pass(cfg, model, raw, x, y, *, route: str, weight: float, last: bool, dd: Dist) -> Tensor:
-    """One forward/backward adding ``weight * sum_i loss_i`` to ``.grad``; all-reduces only when ``last``."""
+def top1(out: Tensor, y: Tensor) -> float:
+    """Training top-1 of one pass: argmax against the label (soft targets: against their argmax)."""
+    if out.shape[0] == 0:
+        return float("nan")
+    target = y.argmax(1) if y.ndim == 2 else y
+    return float((out.detach().argmax(1) == target).float().mean())
+
+
+def train_pass(cfg, model, raw, x, y, *, route: str, weight: float, last: bool, dd: Dist) -> tuple[Tensor, float]:
+    """One forward/backward adding ``weight * sum_i loss_i`` to ``.grad``; all-reduces only when ``last``.
+
+    Returns the detached per-sample losses and the pass's training top-1 (what the paper's Fig. 2 plots).
+    """
     with maybe_no_sync(model, enabled=not last):
         with bn(raw, route, cfg.adv.bn_groups), autocast(cfg, dd.device):
-            loss = training_loss(cfg)(model(x), y)
+            out = model(x)
+            loss = training_loss(cfg)(out, y)
         (weight * loss.sum()).backward()
-    return loss.detach()
+    return loss.detach(), top1(out, y)
 
 
 def mix(cfg: TrainConfig, mixup, x: Tensor, y: Tensor, step: int, dd: Dist) -> tuple[Tensor, Tensor]:
@@ -529,9 +541,9 @@ def finish(cfg: TrainConfig, raw: nn.Module, opt, *, n_clean: float, n_aux: floa
 
 def vanilla_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
     xc, yc = mix(cfg, mixup, x, y, step, dd)
-    loss = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=True, dd=dd)
+    loss, acc = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=True, dd=dd)
     finish(cfg, raw, opt, n_clean=x.shape[0], n_aux=0.0)
-    return {"loss": float(loss.mean()), "loss_clean": float(loss.mean())}
+    return {"loss": float(loss.mean()), "loss_clean": float(loss.mean()), "acc_clean": acc}
 
 
 def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
@@ -542,7 +554,7 @@ def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
     out, total = {}, 0.0
     if n_clean:
         xc, yc = mix(cfg, mixup, x[:n_clean], y[:n_clean], step, dd)
-        loss_c = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=False, dd=dd)
+        loss_c, out["acc_clean"] = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=False, dd=dd)
         out["loss_clean"], total = float(loss_c.mean()), float(loss_c.sum())
     x_k = random_start(xa, a.eps, g) if a.random_start else xa
     for k in range(a.steps):  # PGD-K; every step's forward/backward also trains the weights (gradient recycling)
@@ -552,9 +564,9 @@ def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
         x_k = project(x_k + a.step_size * r.grad.sign(), xa, eps=a.eps, norm="linf")
         total += a.beta * float(r.loss.sum())
         if k == 0:
-            out["loss_noisy"] = float(r.loss.mean())
+            out["loss_noisy"], out["acc_noisy"] = float(r.loss.mean()), top1(r.output, ya)
     x_adv, y_adv = shuffle_bn(cfg, x_k, ya, g, dd)
-    loss_a = train_pass(cfg, model, raw, x_adv, y_adv, route="adv", weight=a.beta, last=True, dd=dd)
+    loss_a, out["acc_adv"] = train_pass(cfg, model, raw, x_adv, y_adv, route="adv", weight=a.beta, last=True, dd=dd)
     out["loss_adv"] = float(loss_a.mean())
     total += a.beta * float(loss_a.sum())
     n_aux = a.beta * a.steps * n_adv + a.beta * n_adv
@@ -570,16 +582,16 @@ def advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
         x_adv = pgd(raw, x, y, eps=a.eps, step_size=a.step_size, steps=a.advprop_steps, norm="linf",
                     random_start=a.random_start, loss_fn=training_loss(cfg), generator=g)
     xc, yc = mix(cfg, mixup, x, y, step, dd)
-    loss_c = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=False, dd=dd)
-    loss_a = train_pass(cfg, model, raw, x_adv, y, route="adv", weight=1.0, last=True, dd=dd)
+    loss_c, acc_c = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=False, dd=dd)
+    loss_a, acc_a = train_pass(cfg, model, raw, x_adv, y, route="adv", weight=1.0, last=True, dd=dd)
     n = x.shape[0]
     finish(cfg, raw, opt, n_clean=float(n), n_aux=float(n))
     return {"loss": float(loss_c.sum() + loss_a.sum()) / (2 * n), "loss_clean": float(loss_c.mean()),
-            "loss_adv": float(loss_a.mean())}
+            "loss_adv": float(loss_a.mean()), "acc_clean": acc_c, "acc_adv": acc_a}
 
 
 def train_step(cfg: TrainConfig, model, raw, opt, batch, step: int, dd: Dist, mixup) -> dict:
-    """One optimizer step of ``cfg.method``; returns the step's losses (per-sample means)."""
+    """One optimizer step of ``cfg.method``; returns the step's losses (per-sample means) and per-pass top-1."""
     x = batch[0].to(dd.device, non_blocking=True).float().div_(255)
     y = batch[1].to(dd.device, non_blocking=True)
     g = step_generator(cfg.run.seed, step, dd.rank, device=dd.device)
@@ -873,7 +885,8 @@ def write_run_info(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def plot_metrics(run_dir: Path, cfg: TrainConfig) -> Path | None:
-    """Training losses (left), clean / PGD top-1 at each evaluation (middle), final corruption errors (right)."""
+    """Training losses, training top-1 of each pass (the paper's Fig. 2: clean / noisy / adversarial, averaged between
+    metric lines), clean / PGD top-1 at each evaluation, final corruption errors; left to right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -884,13 +897,19 @@ def plot_metrics(run_dir: Path, cfg: TrainConfig) -> Path | None:
     evals = [r for r in rows if r["kind"] == "eval"]
     if not train:
         return None
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (a, t, b, c) = plt.subplots(1, 4, figsize=(20, 4))
     for key in ("loss", "loss_clean", "loss_noisy", "loss_adv"):
         pts = [(r["samples"], r[key]) for r in train if key in r]
         if pts and not (key == "loss_clean" and cfg.method == "vanilla"):
             a.plot(*zip(*pts), lw=1, label=key)
     a.set(xlabel="samples seen", ylabel="training loss", title=f"{cfg.method}: losses")
     a.legend()
+    for key in ("acc_clean", "acc_noisy", "acc_adv"):
+        pts = [(r["samples"], 100 * r[key]) for r in train if key in r]
+        if pts:
+            t.plot(*zip(*pts), lw=1, label=key.removeprefix("acc_"))
+    t.set(xlabel="samples seen", ylabel="training top-1 (%)", title="training top-1 by pass")
+    t.legend()
     for key in sorted({k for r in evals for k in r if k == "clean" or k.startswith("pgd")}):
         b.plot(*zip(*[(r["samples"], 100 * r[key]) for r in evals if key in r]), marker="o", label=key)
     b.set(xlabel="samples seen", ylabel="top-1 (%)", title="evaluation")
@@ -990,6 +1009,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         if dropped:
             log(f"dropped {dropped} metric lines logged after that checkpoint (they are logged again)")
     metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
+    acc_window: dict[str, list[float]] = {}
     log(f"{cfg.method}: {run_epochs(cfg):.2f} epochs = {total} steps of {batch} images "
         f"(cost {cost_per_epoch(cfg):g}x vanilla per epoch, budget {o.epochs:g} vanilla epochs)")
 
@@ -1017,6 +1037,9 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
             b = next(it)
         t0 = time.perf_counter()
         losses = train_step(cfg, model, raw, opt, b, step, dd, mixup)
+        for k, v in losses.items():  # per-pass training top-1, averaged over the steps between metric lines
+            if k.startswith("acc_") and math.isfinite(v):
+                acc_window.setdefault(k, []).append(v)
         if dd.device.type == "cuda":
             torch.cuda.synchronize(dd.device)
         train_seconds += time.perf_counter() - t0
@@ -1029,8 +1052,10 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         if metrics and (step % cfg.run.log_every == 0 or step == 1):
             metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "epoch": epoch,
                                       "lr": opt.param_groups[0]["lr"], "img_per_s": batch / (time.perf_counter() - t0)}
-                                     | losses) + "\n")
+                                     | losses | {k: sum(v) / len(v) for k, v in acc_window.items()}) + "\n")
             metrics.flush()
+        if step % cfg.run.log_every == 0 or step == 1:
+            acc_window.clear()
         if step in eval_steps:
             if dd.main:
                 r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total)

