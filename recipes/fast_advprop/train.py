@@ -1049,13 +1049,20 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         samples = step * batch
         bar.update(1)
         bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if metrics and (step % cfg.run.log_every == 0 or step == 1):
+        log_now = step % cfg.run.log_every == 0 or step == 1
+        if log_now:
+            logged = losses | {k: sum(v) / len(v) for k, v in acc_window.items()}
+            acc_window.clear()
+            if dd.world > 1:  # the global batch's losses and accuracies, as one process would log them
+                keys = sorted(logged)
+                t = torch.tensor([logged[k] for k in keys], dtype=torch.float64, device=dd.device)
+                dist.all_reduce(t)
+                logged = dict(zip(keys, (t / dd.world).tolist()))
+        if metrics and log_now:
             metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "epoch": epoch,
                                       "lr": opt.param_groups[0]["lr"], "img_per_s": batch / (time.perf_counter() - t0)}
-                                     | losses | {k: sum(v) / len(v) for k, v in acc_window.items()}) + "\n")
+                                     | logged) + "\n")
             metrics.flush()
-        if step % cfg.run.log_every == 0 or step == 1:
-            acc_window.clear()
         if step in eval_steps:
             if dd.main:
                 r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total)

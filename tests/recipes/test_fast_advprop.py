@@ -374,8 +374,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
     # 40 a step, 20 per rank: 16 clean + 4 attacked in 2 BN groups on each rank
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=()),
                               data=dataclasses.replace(cfg.data, batch_size=40, train_size=80))
+    per_step, step_fn = [], train.train_step
+
+    def recorded(*args, **kwargs):  # this rank's own (local) losses and accuracies of every step
+        per_step.append(step_fn(*args, **kwargs))
+        return per_step[-1]
+
+    train.train_step = recorded
     out = train.main(cfg)
     torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
+    pathlib.Path(f"{out_dir}/rank{rank}.json").write_text(json.dumps(per_step))
     torch.distributed.destroy_process_group()
 
 
@@ -396,8 +404,12 @@ def test_two_process_gloo_run_shuffles_across_ranks_and_keeps_ranks_in_lockstep(
     assert all(torch.equal(w0[k], w1[k]) for k in params), [k for k in params if not torch.equal(w0[k], w1[k])]
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["world_size"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if r["kind"] == "train"]
-    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) >= 3 and [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))
+    local = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for r, a, b in zip(train_rows, *local):  # logged: the mean over ranks of each rank's own value (log_every=1)
+        assert set(a) == set(b) and {"acc_clean", "acc_noisy", "acc_adv"} <= set(a)
+        assert {k: r[k] for k in a} == pytest.approx({k: (a[k] + b[k]) / 2 for k in a}, rel=1e-12)
 
 
 @pytest.mark.slow
