@@ -447,7 +447,7 @@ def test_apgd_ce_is_no_weaker_than_autoattacks(shared_datasets):
     loader = [(x[i : i + 500], y[i : i + 500]) for i in range(0, x.shape[0], 500)]
     steps = 20
     lines = []
-    for norm, ref_norm, eps in [("linf", "Linf", 0.1), ("l2", "L2", 1.5)]:
+    for norm, ref_norm, eps in [("linf", "Linf", 0.1), ("l2", "L2", 1.5), ("l1", "L1", 10.0)]:
 
         def ours(m, xb, yb, norm=norm, eps=eps):
             return apgd(m, xb, yb, eps=eps, steps=steps, norm=norm, generator=torch.Generator().manual_seed(0))
