@@ -10,6 +10,7 @@ import tarfile
 import pytest
 import torch
 
+from advtrain.training import load_latest_checkpoint
 from recipes.advxl import train
 from recipes.advxl.config import (Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, load_config,
                                   override, preset)
@@ -186,7 +187,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     assert len(ckpts) == 2
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
     logs = []
-    state = train.load_latest_checkpoint(tmp_path / "run", logs.append)
+    state = load_latest_checkpoint(tmp_path / "run", logs.append)
     assert state["samples_seen"] == int(ckpts[0].stem.split("-")[1])
     assert any("unusable" in m and "falling back" in m for m in logs)
 

@@ -12,7 +12,6 @@ from recipes import cluster
 from recipes.advxl import launch as advxl_launch
 from recipes.advxl import train
 from recipes.fast_advprop import launch as fast_launch
-from recipes.fast_advprop.train import drop_metrics_after
 from tests.recipes.test_advxl import tiny
 
 
@@ -105,15 +104,6 @@ def test_local_executor_reports_a_failing_job(tmp_path):
     _, args = advxl_launch.parse(["--cluster", "local"])
     with pytest.raises(cluster.JobFailed, match="FloatingPointError"):
         cluster.launch("advxl", cfg, args, check=advxl_launch.check)
-
-
-def test_resumed_run_drops_metric_lines_logged_after_its_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    rows = [{"kind": "train", "samples": s} for s in (64, 128, 192)] + [{"kind": "eval", "samples": 192}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert drop_metrics_after(path, 128) == 2
-    assert [json.loads(line)["samples"] for line in path.read_text().splitlines()] == [64, 128]
-    assert drop_metrics_after(path, 128) == 0 and drop_metrics_after(tmp_path / "absent.jsonl", 0) == 0
 
 
 def test_a_refused_submission_exits_with_the_reason(tmp_path, monkeypatch):

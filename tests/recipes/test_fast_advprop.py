@@ -13,6 +13,7 @@ from torch import nn
 
 from advtrain import cross_entropy
 from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
+from advtrain.training import load_latest_checkpoint
 from recipes.fast_advprop import train
 from recipes.fast_advprop.config import (Adv, Augment, Data, Eval, Optim, TrainConfig, cost_per_epoch, from_dict,
                                          load_config, lr_at, override, preset, run_epochs, split_counts)
@@ -317,7 +318,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert [int(p.stem.split("-")[1]) for p in ckpts] == [40, 80]
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
     logs = []
-    state = train.load_latest_checkpoint(tmp_path / "run", logs.append)
+    state = load_latest_checkpoint(tmp_path / "run", logs.append)
     assert state["samples_seen"] == 40 and state["step"] == 2
     assert any("unusable" in m and "falling back" in m for m in logs)
 
