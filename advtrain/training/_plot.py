@@ -83,6 +83,9 @@ def plot_metrics(rows: list[dict], path: str | Path, *, panels: list[Panel], tot
             else:
                 ax.plot(xs, ys, lw=1, marker="o" if len(pts) <= 30 else None, ms=3, label=panel.labels.get(key, key))
         ax.set(xlabel="samples seen", ylabel=panel.ylabel, title=panel.title, xlim=(0, total * 1.02))
+        if edges:  # headroom for the boundary labels, above the curves
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi + 0.15 * (hi - lo))
         for x, label in edges:
             ax.axvline(x, ls="--", c="gray", lw=0.8)
             ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(0, -12),

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import io
 import json
 import math
@@ -51,7 +50,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from advtrain import pgd, project
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
-from advtrain.eval import eval_mode, evaluate
+from advtrain.eval import corruption_errors, evaluate
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
@@ -561,33 +560,6 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     return out
 
 
-class Corrupted(Dataset):
-    """Every (corruption, severity, image) of a list of validation images, corrupted on the fly.
-
-    The corruptions come from the ``imagecorruptions`` library (Michaelis et al., arXiv 1907.07484: Hendrycks &
-    Dietterich's ImageNet-C code, arXiv 1903.12261), on ``(H, W, 3)`` uint8 images of at least 32 px. Their
-    randomness (NumPy's global RNG, or a ``seed`` argument) is seeded by (seed, corruption, severity, image).
-    Items are ``(image, label, pair)`` with ``pair`` indexing ``pairs``.
-    """
-
-    def __init__(self, images: list[Tensor], labels: list[int], pairs: list[tuple[str, int]], *, seed: int):
-        self.images, self.labels, self.pairs, self.seed = images, labels, pairs, seed
-
-    def __len__(self) -> int:
-        return len(self.pairs) * len(self.images)
-
-    def __getitem__(self, k: int):
-        from imagecorruptions import corrupt, corruption_dict
-
-        p, i = divmod(k, len(self.images))
-        name, severity = self.pairs[p]
-        s = stable_seed(self.seed, name, severity, i)
-        kwargs = {"seed": s} if "seed" in inspect.signature(corruption_dict[name]).parameters else {}
-        with seeded_host_rng(s):
-            img = corrupt(self.images[i].permute(1, 2, 0).numpy(), corruption_name=name, severity=severity, **kwargs)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous(), self.labels[i], p
-
-
 def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]]:
     """The validation images the corruption evaluation uses: a fixed seeded subset of ``eval.corruption_samples``."""
     k = cfg.eval.corruption_samples
@@ -606,29 +578,12 @@ def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]
 
 
 def corruption_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist) -> dict:
-    """Top-1 error under every (corruption, severity); the mean over all of them (unnormalized mCE, in [0, 1]).
-
-    Returns ``{"corruption_error": mean, "corruption_errors": {name: [error per severity]}, "corruption_n": n}``.
-    ImageNet-C's mCE divides each type's error by AlexNet's; that needs AlexNet's errors on the same images, so
-    this reports the plain mean error, as the Fast AdvProp code's ``CE (unnormalized)``.
-    """
-    e = cfg.eval
+    """Top-1 error under every (corruption, severity) and their mean (advtrain.eval.corruption_errors)."""
     images, labels = corruption_images(cfg, val_ds)
-    pairs = [(name, s) for name in e.corruptions for s in e.severities]
-    ds = Corrupted(images, labels, pairs, seed=cfg.run.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                         shuffle=False)
-    correct = torch.zeros(len(pairs), dtype=torch.int64)
-    from tqdm.auto import tqdm
-
-    with eval_mode(raw), torch.no_grad(), autocast(cfg.run.precision, dd.device):
-        for x, y, p in tqdm(loader, desc="corruptions", unit="batch", dynamic_ncols=True, disable=not interactive()):
-            ok = raw(x.to(dd.device).float().div_(255)).argmax(1).cpu() == y
-            correct += torch.bincount(p[ok], minlength=len(pairs))
-    err = (1 - correct.double() / len(images)).view(len(e.corruptions), len(e.severities))
-    return {"corruption_error": float(err.mean()), "corruption_n": len(images),
-            "corruption_errors": {name: err[i].tolist() for i, name in enumerate(e.corruptions)}}
-
+    with autocast(cfg.run.precision, dd.device):
+        return corruption_errors(raw, images, labels, corruptions=cfg.eval.corruptions, severities=cfg.eval.severities,
+                                 seed=cfg.run.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                 device=dd.device, progress=interactive())
 
 
 # ================================================================================================ validation

@@ -25,6 +25,21 @@ def test_options_become_executor_parameters():
                      slurm_additional_parameters={"qos": "high", "mem_per_gpu": "80G"})
 
 
+def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path):
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=6))
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--gpus-per-node", "8"])
+    assert cluster.executor_parameters(args, name="advxl", cfg=cfg)["cpus_per_task"] == 7
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--cpus-per-task", "3"])
+    assert cluster.executor_parameters(args, name="advxl", cfg=cfg)["cpus_per_task"] == 3  # given: kept
+
+
+def test_a_requeued_fresh_job_resumes_instead_of_starting_over_again(tmp_path):
+    cfg = tiny(tmp_path)
+    job = cluster.RecipeJob("advxl", dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, fresh=True)))
+    assert job.checkpoint().function.cfg == cfg  # fresh=False: the requeued job picks up its checkpoints
+
+
 def test_cpu_job_asks_for_no_gpus():
     _, args = advxl_launch.parse(["--cluster", "slurm", "--tasks-per-node", "2"])
     p = cluster.executor_parameters(args, name="advxl")
