@@ -23,7 +23,7 @@ def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset:
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="embedded", choices=sorted(presets), help="a named configuration")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config (with --cluster: also the job parameters and sbatch script) and exit")
+                   help="print the resolved config (with --cluster: also the job parameters and sbatch script), exit")
     p.add_argument("--fresh", action="store_true",
                    help="start over in run.out_dir: move an existing run's files (metrics, checkpoints, config) aside "
                         "into a previous-<time> folder there (run.fresh=true)")

@@ -107,7 +107,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int and isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) \
             and value == int(value):
         return int(value)  # 1e6 samples
-    if tp in (int, str, bool, float, dict, list) and (not isinstance(value, tp) or tp is int and isinstance(value, bool)):
+    wrong = not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    if tp in (int, str, bool, float, dict, list) and wrong:
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
     return value
 
@@ -220,6 +221,16 @@ def override(cfg: T, items: list[str]) -> T:
     return from_dict(type(cfg), data)
 
 
+def _same_path(a: Any, b: Any) -> bool:
+    """Two strings naming one existing file or folder (one relative, one absolute, say)."""
+    import os
+
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _diff(a: Any, b: Any, key: str, out: list[str], missing_ok: bool) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
@@ -233,7 +244,7 @@ def _diff(a: Any, b: Any, key: str, out: list[str], missing_ok: bool) -> None:
           and any(isinstance(v, (dict, list)) for v in a + b)):
         for i, (x, y) in enumerate(zip(a, b)):
             _diff(x, y, f"{key}.{i}", out, missing_ok)
-    elif a != b:
+    elif a != b and not _same_path(a, b):
         out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
 
 
@@ -244,6 +255,8 @@ def config_diff(old: dict, new: dict, *, ignore: tuple[str, ...] = (), missing_o
         old, new: configs as plain data (``dataclasses.asdict``, or a saved ``config.json``).
         ignore: dotted keys (or sections) left out of the comparison.
         missing_ok: leave out fields that only one side has (a config saved by an older version of the code).
+
+    Strings that name the same existing file or folder (a relative and an absolute path) are equal.
 
     Example:
         >>> config_diff({"optim": {"lr": 0.001}, "data": {"batch_size": 64}},

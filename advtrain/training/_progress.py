@@ -15,7 +15,7 @@ def interactive() -> bool:
 
 
 def run_logger(name: str, dd: Dist) -> Callable[[str], None]:
-    """``log(msg)`` that prints ``[name] msg`` on rank 0 (above a progress bar, if one is drawn) and nothing elsewhere."""
+    """``log(msg)``: prints ``[name] msg`` on rank 0 (above a progress bar, if one is drawn), nothing elsewhere."""
     if not dd.main:
         return lambda msg: None
     from tqdm.auto import tqdm

@@ -28,12 +28,14 @@ class RunDirError(ValueError):
 
 
 def check_run_dir(run_dir: str | Path, config: dict, *, fresh: bool = False,
-                  ignore: tuple[str, ...] = ("run.fresh",)) -> None:
+                  ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")) -> None:
     """Refuses a run directory that holds a run with another config, naming the fields that differ.
 
     Read-only: launchers call it before they start or submit anything. With ``fresh`` any old run is moved aside
-    later (:meth:`RunDir.prepare`), so nothing is refused. Fields that only one side has (a config saved by an
-    older version of the recipe) are not compared.
+    later (:meth:`RunDir.prepare`), so nothing is refused. Not compared: ``ignore`` (``run.fresh``, and
+    ``run.out_dir``, which is this directory however it is spelled), fields that only one side has (a config saved
+    by an older version of the recipe), and paths spelled differently that name the same file (a launcher makes
+    ``data.path`` absolute for a cluster job).
 
     Raises:
         RunDirError: e.g. ``runs/x holds a run with a different config: optim.lr 0.001 -> 0.002; use another
@@ -109,7 +111,8 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def prepare(self, config: dict, *, meta: dict, fresh: bool = False, ignore: tuple[str, ...] = ("run.fresh",)) -> None:
+    def prepare(self, config: dict, *, meta: dict, fresh: bool = False,
+                ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")) -> None:
         """Checks the config against a saved one, moves an old run aside when ``fresh``, writes config and meta.
 
         A collective (it ends with a barrier): every rank calls it before reading the directory.

@@ -5,8 +5,8 @@ recipes.advxl.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slu
 submitit (nodes, GPUs, partition, time limit, account, sbatch extras; see ``recipes/cluster.py``) and
 ``--cluster local`` runs it through submitit's local executor on this machine.
 A run resumes from the latest valid checkpoint in ``run.out_dir``; ``--fresh`` starts over there (the old files are
-moved aside), and a directory holding a run with another config is refused, naming the fields that differ. With ``run.compare_standard=true`` the same
-model is also trained with no attack, and both are reported side by side.
+moved aside), and a directory holding a run with another config is refused, naming the fields that differ. With
+``run.compare_standard=true`` the same model is also trained with no attack, and both are reported side by side.
 
 Examples:
     python -m recipes.advxl.launch                                   # the embedded default (digits, CPU)

@@ -548,7 +548,7 @@ class TextMode:
 
 def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names) -> dict:
     """Clean top-1, PGD-20 robust top-1 and (optionally) AutoAttack on a fixed subset, at ``img_size``."""
-    e = cfg.eval
+    e, show = cfg.eval, dd.main and interactive()
 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
         for b in val_batches(cfg, val_ds, dd):
@@ -559,13 +559,13 @@ def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: 
     pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                               generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
     with autocast(cfg.run.precision, dd.device):
-        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=dd.main and interactive(),
+        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=show,
                      desc=f"eval {img_size}px")
         out = {"clean": r.clean, f"pgd{e.pgd_steps}": r.robust[f"pgd{e.pgd_steps}"], "n": r.n}
         if e.autoattack_samples:
             aa = functools.partial(autoattack, norm="linf", eps=e.eps, seed=cfg.run.seed)
             ra = evaluate(clf, batches(), attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
-                          progress=dd.main and interactive(), desc="autoattack")
+                          progress=show, desc="autoattack")
             out |= {"autoattack": ra.robust["autoattack"], "autoattack_n": ra.n}
     return out
 
@@ -724,7 +724,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         # parameters are detached, so that the attack's backward computes the input gradient only
         attacker = torch.compile(detach_params(raw))
     a = cfg.augment
-    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing, num_classes=cfg.model.num_classes)
+    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing,
+                       num_classes=cfg.model.num_classes)
     sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
         if dd.main else ()
     metrics, names = run.metrics(sinks=sinks), class_names(cfg)
@@ -777,7 +778,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         log(f"done in {seconds:.0f} s ({timer.train_seconds:.0f} s training steps); results in {run.path}")
     barrier(dd)
     return {"evals": evals, "run_dir": str(run.path), "finished": finished, "seconds": seconds,
-            "train_seconds": timer.train_seconds, "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}
+            "train_seconds": timer.train_seconds,
+            "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}
 
 def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     key = f"pgd{cfg.eval.pgd_steps}"

@@ -4,11 +4,11 @@ Runs in this process by default (for several GPUs on one machine, ``torchrun --n
 recipes.fast_advprop.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slurm`` submits the same run
 through submitit (see ``recipes/cluster.py``) and ``--cluster local`` runs it through submitit's local executor.
 A run resumes from the latest valid checkpoint in ``run.out_dir``; ``--fresh`` starts over there (the old files
-are moved aside), and a directory holding a run with another config is refused, naming the fields that differ. With ``run.compare=true`` the launcher trains
-four runs at the same budget, each in its own sub-directory, and prints one table: Fast AdvProp (the config as
-given), vanilla, AdvProp PGD-5 and AdvProp PGD-1. The baselines load the Fast AdvProp run's clean images per step
-(its batch minus the attacked share), so every method sees the same clean batch and learning rate, as in the
-paper's scripts.
+are moved aside), and a directory holding a run with another config is refused, naming the fields that differ.
+With ``run.compare=true`` the launcher trains four runs at the same budget, each in its own sub-directory, and
+prints one table: Fast AdvProp (the config as given), vanilla, AdvProp PGD-5 and AdvProp PGD-1. The baselines
+load the Fast AdvProp run's clean images per step (its batch minus the attacked share), so every method sees the
+same clean batch and learning rate, as in the paper's scripts.
 
 Examples:
     python -m recipes.fast_advprop.launch                                  # embedded default: digits, CPU, 4 runs

@@ -665,13 +665,15 @@ def _corruption_bars(ax, evals: list[dict]) -> None:
     names = list(last["corruption_errors"])
     ax.barh(names, [100 * sum(v) / len(v) for v in last["corruption_errors"].values()])
     ax.invert_yaxis()
-    ax.set(xlabel="top-1 error (%), mean over severities", title=f"corruptions: mean {100 * last['corruption_error']:.1f}%")
+    ax.set(xlabel="top-1 error (%), mean over severities",
+           title=f"corruptions: mean {100 * last['corruption_error']:.1f}%")
 
 
 def plot(run: RunDir, cfg: TrainConfig, total: int) -> Path | None:
     """metrics.png: training losses, training top-1 of each pass (the paper's Fig. 2: clean / noisy / adversarial,
     averaged between metric lines), clean / PGD top-1 at each evaluation, final corruption errors."""
-    losses = ("loss", "loss_noisy", "loss_adv") if cfg.method == "vanilla" else ("loss", "loss_clean", "loss_noisy", "loss_adv")
+    skip = "loss_clean" if cfg.method == "vanilla" else None  # vanilla's clean loss is its loss
+    losses = tuple(k for k in ("loss", "loss_clean", "loss_noisy", "loss_adv") if k != skip)
     passes = {k: k.removeprefix("acc_") for k in ("acc_clean", "acc_noisy", "acc_adv")}
     panels = [Panel(title=f"{cfg.method}: training losses", ylabel="training loss", keys=losses),
               Panel(title="training top-1 by pass", ylabel="training top-1 (%)", keys=tuple(passes), scale=100,
@@ -755,7 +757,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     # the clean and adversarial passes use different BNs: some parameters sit out each pass
     model = wrap_ddp(raw, dd, find_unused_parameters=True)
     a = cfg.augment
-    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing, num_classes=cfg.model.num_classes)
+    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing,
+                       num_classes=cfg.model.num_classes)
     sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
         if dd.main else ()
     metrics, acc_window = run.metrics(sinks=sinks), {}

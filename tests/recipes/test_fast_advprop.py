@@ -15,10 +15,10 @@ from advtrain import cross_entropy
 from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
 from advtrain.training import load_latest_checkpoint
 from recipes.fast_advprop import train
-from tests.gloo import spawn_gloo
 from recipes.fast_advprop.config import (Adv, Augment, Data, Eval, Optim, TrainConfig, cost_per_epoch, from_dict,
-                                         load_config, lr_at, override, preset, run_epochs, split_counts)
+                                         lr_at, override, preset, run_epochs, split_counts)
 from recipes.fast_advprop.launch import baselines, parse
+from tests.gloo import spawn_gloo
 
 
 def tiny(tmp_path, method="fast_advprop", **run) -> TrainConfig:
@@ -56,14 +56,6 @@ def losses(run_dir) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ config and budget
-
-
-def test_config_round_trips_through_json(tmp_path):
-    for name in ("embedded", "imagenette224", "cifar10", "imagenet_resnet50"):
-        cfg = preset(name)
-        path = tmp_path / f"{name}.json"
-        path.write_text(cfg.to_json())
-        assert load_config(path) == cfg
 
 
 def test_paper_setting_in_the_imagenet_preset():

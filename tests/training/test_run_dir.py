@@ -161,3 +161,13 @@ def test_environment_meta_records_provenance():
     meta = environment_meta(source=__file__, numpy="numpy", absent=("no-such-dist", "numpy"), gone="no-such-dist")
     assert {"git_revision", "git_dirty", "command", "torch", "timm", "advtrain", "world_size"} <= set(meta)
     assert meta["numpy"] == meta["absent"] and meta["numpy"] and meta["gone"] is None
+
+
+def test_the_same_paths_spelled_differently_are_not_a_different_config(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": {"path": str(tmp_path / "data")}, "run": {"out_dir": str(tmp_path / "run")}}
+    open_run(tmp_path / "run").prepare(saved, meta={})  # as a cluster job saves it: absolute paths
+    check_run_dir("run", {"data": {"path": "data"}, "run": {"out_dir": "run"}})  # a local rerun: relative ones
+    with pytest.raises(RunDirError, match="data.path"):
+        check_run_dir("run", {"data": {"path": "elsewhere"}, "run": {"out_dir": "run"}})
