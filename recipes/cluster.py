@@ -46,7 +46,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one training process per GPU")
     g.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node (default: --gpus-per-node, or 1 on CPU); >1 on CPU trains with gloo DDP")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per process (data loading, CPU math)")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPU cores per process (data loading, CPU math; default: data.num_workers + 1)")
     g.add_argument("--mem-gb", type=int, default=None, help="memory per node in GiB (default: the cluster's)")
     g.add_argument("--partition", default=None, help="SLURM partition")
     g.add_argument("--account", default=None, help="SLURM account to charge")
@@ -72,8 +73,11 @@ def _extra(items: list[str]) -> dict[str, str]:
     return out
 
 
-def executor_parameters(args: argparse.Namespace, *, name: str) -> dict[str, Any]:
+def executor_parameters(args: argparse.Namespace, *, name: str, cfg=None) -> dict[str, Any]:
     """submitit ``AutoExecutor.update_parameters`` keywords from the command-line options.
+
+    Without ``--cpus-per-task``, a process asks for the config's ``data.num_workers`` loader workers plus one core
+    for itself (when ``cfg`` is given).
 
     Example:
         >>> import argparse
@@ -99,6 +103,8 @@ def executor_parameters(args: argparse.Namespace, *, name: str) -> dict[str, Any
         params["gpus_per_node"] = args.gpus_per_node
     if args.cpus_per_task is not None:
         params["cpus_per_task"] = args.cpus_per_task
+    elif cfg is not None and getattr(getattr(cfg, "data", None), "num_workers", None) is not None:
+        params["cpus_per_task"] = cfg.data.num_workers + 1  # the loader's workers and the training process
     if args.cluster == "slurm":
         if args.mem_gb is not None:
             params["mem_gb"] = args.mem_gb
@@ -171,7 +177,10 @@ class RecipeJob:
 
         print(f"[cluster] preempted or timed out: requeueing; the run resumes from the latest checkpoint in "
               f"{self.cfg.run.out_dir}", flush=True)
-        return submitit.helpers.DelayedSubmission(RecipeJob(self.recipe, self.cfg))
+        # a requeued job resumes: a --fresh start applies to the first allocation only
+        cfg = dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, fresh=False)) \
+            if getattr(self.cfg.run, "fresh", False) else self.cfg
+        return submitit.helpers.DelayedSubmission(RecipeJob(self.recipe, cfg))
 
 
 def _executor(args: argparse.Namespace, folder: Path, params: dict):
@@ -236,7 +245,7 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
     Returns:
         The job's result (the recipe's summary dict) when followed, else the submitit job.
     """
-    params = executor_parameters(args, name=recipe)
+    params = executor_parameters(args, name=recipe, cfg=cfg)
     world = params["nodes"] * params["tasks_per_node"]
     cfg = absolute_paths(cfg)
     check(cfg, world)

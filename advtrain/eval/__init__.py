@@ -1,6 +1,8 @@
-"""Evaluation: clean and robust accuracy over a loader (PGD, AutoAttack), with progress and summaries."""
+"""Evaluation: clean and robust accuracy over a loader (PGD, AutoAttack), common-corruption error, with progress
+and summaries."""
 
 from advtrain.eval._autoattack import IMAGENET_EPS, autoattack
+from advtrain.eval._corruptions import CorruptedImages, corruption_errors
 from advtrain.eval._resolution import (
     ResolutionResult,
     format_resolution_table,
@@ -11,4 +13,5 @@ from advtrain.eval._resolution import (
 from advtrain.eval._robust import AttackFn, EvalReport, eval_mode, evaluate
 
 __all__ = ["IMAGENET_EPS", "AttackFn", "EvalReport", "autoattack", "eval_mode", "evaluate"]
+__all__ += ["CorruptedImages", "corruption_errors"]
 __all__ += ["ResolutionResult", "format_resolution_table", "plot_resolution", "resize_images", "resolution_sweep"]

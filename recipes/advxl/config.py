@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
+from advtrain.training import load_config as _load_config
 
 Reducer = Literal["none", "resize", "random_mask", "block_mask"]
 DataKind = Literal["digits", "folder", "wds", "tensors"]
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,17 +132,12 @@ class Eval:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Run:
+class Run(RunConfig):
+    """The run section (advtrain.training.RunConfig: out_dir, seed, precision, checkpoints, logging, sinks)."""
+
     out_dir: str = "runs/advxl"
-    seed: int = 0
-    precision: Precision = "bf16"
-    compile: bool = False
-    checkpoint_every: int = 1_000_000  # samples between checkpoints
-    keep_checkpoints: int = 2
-    log_every: int = 50  # steps between metric lines
+    compile: bool = False  # torch.compile the model (and a detach_params view of it for the attack)
     compare_standard: bool = False  # also train the same model with no attack and report both
-    device: str | None = None  # default: cuda if available, else cpu
-    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,93 +177,14 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ (de)serialization
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Builds a (nested) config dataclass from plain data, as produced by ``dataclasses.asdict``."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else from_dict(tp, value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"cannot read {value!r} as {tp}")
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v) for v in value)
-        return tuple(_coerce(a, v) for a, v in zip(args, value))
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{value!r} is not one of {args}")
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise TypeError(f"expected an int; got {value!r}")
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        raise TypeError(f"expected {tp.__name__}; got {value!r}")
-    return value
-
-
 def load_config(path: str | Path) -> TrainConfig:
-    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+    """A config saved as JSON (a run directory's ``config.json``); ``override`` applies ``dotted.key=value`` items."""
+    return _load_config(TrainConfig, path)
 
 
-def override(cfg: TrainConfig, items: list[str]) -> TrainConfig:
-    """Applies ``dotted.key=value`` overrides (values parsed as JSON, else kept as strings).
-
-    ``stages.1.samples=1000`` indexes the stage tuple; ``stages=[...]`` replaces it whole.
-
-    Example:
-        >>> cfg = override(PRESETS["embedded"](), ["optim.lr=0.01", "stages.0.attack.steps=2"])
-        >>> cfg.optim.lr, cfg.stages[0].attack.steps
-        (0.01, 2)
-    """
-    data = json.loads(cfg.to_json())  # tuples become lists, so stages.N indexes work
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            try:
-                node = node[int(p)] if isinstance(node, list) else node[p]
-            except (KeyError, IndexError, ValueError):
-                raise ValueError(f"override {key!r}: no field {p!r}") from None
-            if node is None:
-                raise ValueError(f"override {key!r}: {p!r} is None in this preset; set it whole first")
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        elif last not in node:
-            raise ValueError(f"override {key!r}: no field {last!r} (have {sorted(node)})")
-        else:
-            node[last] = value
-    return from_dict(TrainConfig, data)
+def preset(name: str) -> TrainConfig:
+    """A fresh copy of the named preset (``PRESETS``, below)."""
+    return choose(PRESETS, name)()
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -389,20 +306,9 @@ def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
     )
 
 
-PRESETS = {
-    "embedded": embedded,
-    "imagenette224": imagenette224,
-    "cifar10": cifar10,
-    "imagenet_vit_b16": imagenet_vit_b16,
-    "imagenet_vit_l16": imagenet_vit_l16,
-    "imagenet_vit_s_convstem": imagenet_vit_s_convstem,
-}
+PRESETS = {f.__name__: f for f in (embedded, imagenette224, cifar10, imagenet_vit_b16, imagenet_vit_l16,
+                                   imagenet_vit_s_convstem)}
 
-
-def preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]()
 
 
 def check_consistency(cfg: TrainConfig) -> None:

@@ -4,8 +4,9 @@ Runs in this process by default (for several GPUs on one machine, ``torchrun --n
 recipes.advxl.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slurm`` submits the same run through
 submitit (nodes, GPUs, partition, time limit, account, sbatch extras; see ``recipes/cluster.py``) and
 ``--cluster local`` runs it through submitit's local executor on this machine.
-A run resumes from the latest valid checkpoint in ``run.out_dir``. With ``run.compare_standard=true`` the same
-model is also trained with no attack, and both are reported side by side.
+A run resumes from the latest valid checkpoint in ``run.out_dir``; ``--fresh`` starts over there (the old files are
+moved aside), and a directory holding a run with another config is refused, naming the fields that differ. With
+``run.compare_standard=true`` the same model is also trained with no attack, and both are reported side by side.
 
 Examples:
     python -m recipes.advxl.launch                                   # the embedded default (digits, CPU)
@@ -18,31 +19,17 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-import time
 from pathlib import Path
 
-from recipes import cluster
-from recipes.advxl.config import PRESETS, TrainConfig, override, preset
+from recipes import cli
+from recipes.advxl.config import PRESETS, TrainConfig, preset
 
 
-def parse(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m recipes.advxl.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="a named configuration")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config (with --cluster: also the job parameters and sbatch script) and exit")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value (JSON values), e.g. optim.lr=5e-4")
-    cluster.add_cluster_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = override(preset(args.preset), args.overrides)
-    except (ValueError, TypeError) as err:
-        p.error(str(err))
-    return cfg, args
+def parse(argv: list[str] | None = None):
+    """``(cfg, args)`` from the command line (see the module docstring)."""
+    return cli.parse(argv, prog="python -m recipes.advxl.launch", doc=__doc__, presets=PRESETS, preset=preset,
+                     example="optim.lr=5e-4")
 
 
 def standard_twin(cfg: TrainConfig) -> TrainConfig:
@@ -50,6 +37,15 @@ def standard_twin(cfg: TrainConfig) -> TrainConfig:
     stages = tuple(dataclasses.replace(s, attack=dataclasses.replace(s.attack, steps=0)) for s in cfg.stages)
     run = dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run.out_dir) / "standard"), compare_standard=False)
     return dataclasses.replace(cfg, stages=stages, run=run)
+
+
+def runs(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """The training runs of a launch: ``cfg`` itself, or with ``run.compare_standard`` an adversarial and a
+    standard run in ``out_dir/adversarial`` and ``out_dir/standard``."""
+    if not cfg.run.compare_standard:
+        return {"run": cfg}
+    adv = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run.out_dir) / "adversarial")))
+    return {"adversarial": adv, "standard": standard_twin(cfg)}
 
 
 def comparison_table(adv: dict, std: dict, cfg: TrainConfig) -> str:
@@ -68,42 +64,25 @@ def comparison_table(adv: dict, std: dict, cfg: TrainConfig) -> str:
 def run_local(cfg: TrainConfig) -> dict:
     from recipes.advxl import train
 
+    results = {label: train.main(c) for label, c in runs(cfg).items()}
     if not cfg.run.compare_standard:
-        return train.main(cfg)
-    adv_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run.out_dir) / "adversarial")))
-    adv = train.main(adv_cfg)
-    std = train.main(standard_twin(cfg))
-    table = comparison_table(adv, std, cfg)
+        return results["run"]
+    table = comparison_table(results["adversarial"], results["standard"], cfg)
     Path(cfg.run.out_dir, "comparison.md").write_text(table)
     print("\n" + table)
-    return {"adversarial": adv, "standard": std, "table": table}
+    return results | {"table": table}
 
 
 def check(cfg: TrainConfig, world: int) -> None:
     """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes."""
     from recipes.advxl.train import validate
 
-    validate(cfg)
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size ({cfg.data.batch_size}) is the global batch: it must divide evenly over "
-                         f"{world} processes")
+    cli.check_runs(list(runs(cfg).values()), world, validate=validate)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(argv)
-    if args.cluster:
-        cluster.main_or_exit("advxl", cfg, args, check=check)
-        return
-    if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return
-    try:
-        check(cfg, 1)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"configuration error: {err}")
-    start = time.perf_counter()
-    run_local(cfg)
-    print(f"total wall-clock: {time.perf_counter() - start:.0f} s")
+    cli.main("advxl", cfg, args, check=check, run_local=run_local)
 
 
 if __name__ == "__main__":

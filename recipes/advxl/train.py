@@ -11,97 +11,34 @@ a wide margin; see recipes/advxl/README.md for the measured table.
 Run it through ``python -m recipes.advxl.launch``; ``main(cfg)`` is the entry point for one process (DDP when
 ``WORLD_SIZE > 1``).
 """
-
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import difflib
 import functools
-import hashlib
 import io
 import json
 import math
 import os
-import platform
-import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tqdm.auto import tqdm
 
-import advtrain
 from advtrain import pgd
 from advtrain.attacks import detach_params
 from advtrain.eval import autoattack, evaluate, format_resolution_table, plot_resolution, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
+from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
+                               check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
+                               log_due, make_mixup, open_sinks, plot_metrics, quiet_set_vital, read_metrics,
+                               restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
+                               setup_distributed, stable_seed, step_generator, take, training_state, wrap_ddp)
 from recipes.advxl.config import Stage, TrainConfig, check_consistency
-
-# ================================================================================================ setup
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    """Initializes torch.distributed from the environment (torchrun, submitit/SLURM) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}") if want == "cuda" else torch.device(want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    return Dist(rank, world, local, device)
-
-
-def step_generator(seed: int, step: int, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator for one step's randomness: a pure function of (seed, step, salt), so resume is exact."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
-    return g
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from any printable parts, the same in every process (Python's ``hash`` of a str is salted)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & 0x7FFFFFFF
-
-
-@contextlib.contextmanager
-def seeded_host_rng(seed: int):
-    """Seeds Python's and NumPy's global RNGs for the block (timm's augmentations use them), then restores them."""
-    py, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
 
 
 # ================================================================================================ data
@@ -530,12 +467,6 @@ def reduce_batch(x: Tensor, stage: Stage, model: Normalized, g: torch.Generator)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.run.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, step: int, dd: Dist, mixup,
                text, attacker: nn.Module) -> float:
     """One optimizer step: mix, reduce, attack (eval mode, same token indices), forward, backward, clip, step.
@@ -556,7 +487,7 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
     ramp = min(1.0, (in_stage + 1) / stage.eps_warmup_samples) if stage.eps_warmup_samples else 1.0
     if a.steps:
         raw.eval()  # the attack sees the deterministic network (no drop path); pgd restores nothing else
-        with autocast(cfg, dd.device):
+        with autocast(cfg.run.precision, dd.device):
             if a.kind == "apgd":
                 from advtrain.attacks import apgd
 
@@ -566,7 +497,7 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
                 x = pgd(functools.partial(attacker, indices=idx), x, y, eps=a.eps * ramp, step_size=a.step_size * ramp,
                         steps=a.steps, norm=a.norm, random_start=a.random_start, loss_fn=loss_fn, generator=g)
         raw.train()
-    with autocast(cfg, dd.device):
+    with autocast(cfg.run.precision, dd.device):
         out = model(x, indices=idx) if idx is not None else model(x)
         loss = text.loss(raw, out, y) if text is not None else cross_entropy(out, y, label_smoothing=0.0)
     opt.zero_grad(set_to_none=True)
@@ -617,123 +548,46 @@ class TextMode:
 
 def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names) -> dict:
     """Clean top-1, PGD-20 robust top-1 and (optionally) AutoAttack on a fixed subset, at ``img_size``."""
-    e = cfg.eval
+    e, show = cfg.eval, dd.main and interactive()
 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
-        for b in _take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples):
+        for b in val_batches(cfg, val_ds, dd):
             x = b[0].to(dd.device).float().div(255)
             yield (x if x.shape[-1] == img_size else resize_images(x, img_size)), b[1]
 
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
     pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                               generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
-    with autocast(cfg, dd.device):
-        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=dd.main,
+    with autocast(cfg.run.precision, dd.device):
+        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=show,
                      desc=f"eval {img_size}px")
         out = {"clean": r.clean, f"pgd{e.pgd_steps}": r.robust[f"pgd{e.pgd_steps}"], "n": r.n}
         if e.autoattack_samples:
             aa = functools.partial(autoattack, norm="linf", eps=e.eps, seed=cfg.run.seed)
             ra = evaluate(clf, batches(), attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
-                          progress=dd.main, desc="autoattack")
+                          progress=show, desc="autoattack")
             out |= {"autoattack": ra.robust["autoattack"], "autoattack_n": ra.n}
     return out
+
+
+def val_batches(cfg: TrainConfig, val_ds, dd: Dist) -> Iterator:
+    """The validation batches, at most ``data.val_samples`` images."""
+    with quiet_set_vital():
+        return take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples)
 
 
 def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, text, names) -> list:
     """Clean and PGD accuracy at each ``eval.resolutions`` size (Singh et al.: higher test-time resolution)."""
     e = cfg.eval
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
-    batches = ((b[0].float().div(255), b[1]) for b in _take(make_loader(cfg, val_ds, dd, train=False),
-                                                             cfg.data.val_samples))
+    batches = ((b[0].float().div(255), b[1]) for b in val_batches(cfg, val_ds, dd))
     pgd_k = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                               generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
     batches = list(batches)  # the sweep passes over the (capped) validation set once per size
-    with autocast(cfg, dd.device):
+    with autocast(cfg.run.precision, dd.device):
         return resolution_sweep(clf, batches, sizes=list(e.resolutions), attacks={f"pgd{e.pgd_steps}": pgd_k},
-                                device=dd.device, progress=dd.main)
+                                device=dd.device, progress=dd.main and interactive())
 
-
-def _take(loader, limit: int | None):
-    n = 0
-    for b in loader:
-        if limit is not None and n >= limit:
-            return
-        if limit is not None and n + len(b[1]) > limit:
-            b = [b[0][: limit - n], b[1][: limit - n]]
-        n += len(b[1])
-        yield b
-        if isinstance(loader.dataset, IterableDataset) and limit is None:
-            raise ValueError("streaming validation data needs data.val_samples")
-
-
-# ================================================================================================ checkpoints
-
-
-def save_checkpoint(run_dir: Path, state: dict, *, keep: int) -> Path:
-    """Writes ``ckpt-<samples>.pt`` atomically (temp file + rename) with a sha256 sidecar; keeps the last ``keep``."""
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    path = ckdir / f"ckpt-{state['samples_seen']:012d}.pt"
-    for target, payload in ((path, data), (path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, target)
-    for old in sorted(ckdir.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".sha256").unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(run_dir: Path, log) -> dict | None:
-    """The newest checkpoint whose bytes match its sha256 and that loads with ``weights_only=True``.
-
-    A truncated or corrupt file is reported and skipped; the run falls back to the previous checkpoint.
-    """
-    for path in sorted((run_dir / "checkpoints").glob("ckpt-*.pt"), reverse=True):
-        try:
-            data = path.read_bytes()
-            sidecar = path.with_suffix(".sha256")
-            if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
-                raise ValueError("sha256 mismatch (truncated or corrupt)")
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            log(f"resuming from {path} ({state['samples_seen']} samples seen)")
-            return state
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-            log(f"checkpoint {path.name} is unusable ({type(err).__name__}: {err}); falling back to the previous one")
-    return None
-
-
-def drop_metrics_after(path: Path, samples: int) -> int:
-    """Keeps the metric lines at or before ``samples`` (the resumed checkpoint's); returns how many were dropped.
-
-    A preempted run logged steps past its last checkpoint; the resumed run logs them again.
-    """
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("samples", 0) <= samples]
-    if len(keep) != len(lines):
-        path.write_text("".join(line + "\n" for line in keep))
-    return len(lines) - len(keep)
-
-
-def rng_state() -> dict:
-    py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # ================================================================================================ validation
@@ -741,12 +595,9 @@ def set_rng_state(s: dict) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Every configuration error we can find before training starts, with a message that names it."""
-    import timm
-
     check_consistency(cfg)
-    if not timm.is_model(cfg.model.name):
-        close = difflib.get_close_matches(cfg.model.name, timm.list_models(), n=3)
-        raise ValueError(f"unknown timm model {cfg.model.name!r}" + (f"; did you mean {close}?" if close else ""))
+    check_timm_model(cfg.model.name)
+    check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
     p = patch_size(cfg)
     if p:
         sizes = [s.img_size for s in cfg.stages] + ([cfg.eval.img_size] if cfg.eval.img_size else [])
@@ -798,59 +649,25 @@ def _first_sample_keys(shard: str) -> set[str]:
 # ================================================================================================ run directory
 
 
-def write_run_info(run_dir: Path, cfg: TrainConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
-        raise ValueError(f"{run_dir} holds a run with a different config; choose another run.out_dir or delete it")
-    saved.write_text(cfg.to_json())
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                             timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        rev, dirty = "unknown", False
-    import timm
-
-    meta = {"git_revision": rev, "git_dirty": dirty, "command": sys.argv, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "advtrain": advtrain.__version__,
-            "host": platform.node(), "cuda": torch.version.cuda, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+def attack_summary(cfg: TrainConfig) -> str:
+    """What the run trains with, for the plot: ``standard training`` or each stage's attack."""
+    if not any(s.attack.steps for s in cfg.stages):
+        return "standard training (no attack)"
+    return "adversarial: " + ", ".join(f"{s.name} {s.attack.kind.upper()}-{s.attack.steps}" if s.attack.steps
+                                       else f"{s.name} clean" for s in cfg.stages)
 
 
-def plot_metrics(run_dir: Path, cfg: TrainConfig) -> Path | None:
-    """loss (left) and clean / robust accuracy (right) against samples seen, stage boundaries dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    if not train:
-        return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot([r["samples"] for r in train], [r["loss"] for r in train], lw=1)
-    a.set(xlabel="samples seen", ylabel="training loss (adversarial)", title="loss")
-    for key in sorted({k for r in evals for k in r if k in ("clean", "autoattack") or k.startswith("pgd")}):
-        pts = [(r["samples"], 100 * r[key]) for r in evals if key in r]
-        b.plot(*zip(*pts), marker="o", label=key)
-    b.set(xlabel="samples seen", ylabel="top-1 (%)", title="accuracy at the end of each stage")
-    if evals:
-        b.legend()
-    edge = 0
-    for s in cfg.stages[:-1]:
-        edge += s.samples
-        for ax in (a, b):
-            ax.axvline(edge, ls="--", c="gray", lw=0.8)
-    fig.tight_layout()
-    path = run_dir / "metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
+def plot(run: RunDir, cfg: TrainConfig) -> Path | None:
+    """metrics.png: the training loss and the evaluations at each stage's end, stage boundaries named."""
+    edges, edge = [], 0
+    for a, b in zip(cfg.stages, cfg.stages[1:]):
+        edge += a.samples
+        edges.append((edge, f"{a.name} | {b.name} ({b.img_size} px)"))
+    robust = lambda k: k in ("clean", "autoattack") or (k.startswith("pgd") and k[3:].isdigit())  # noqa: E731
+    panels = [Panel(title=f"training loss, {attack_summary(cfg)}", ylabel="training loss", keys=("loss",)),
+              Panel(title="top-1 at the end of each stage", ylabel="top-1 (%)", kind="eval", keys=robust, scale=100)]
+    return plot_metrics(read_metrics(run.metrics_path), run.path / "metrics.png", panels=panels,
+                        total=cfg.total_samples, edges=edges)
 
 # ================================================================================================ main
 
@@ -863,144 +680,106 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         stop_after_samples: leave (as if preempted) after the first checkpoint at or beyond this many samples.
 
     Returns:
-        ``{"evals": [...], "run_dir": str, "finished": bool, "seconds": float}``.
+        ``{"evals", "run_dir", "finished", "seconds", "train_seconds", "final_weights"}``; the times are summed
+        over resumed runs (a finished run re-run reports the times it took).
     """
     validate(cfg)
-    dd = setup_distributed(cfg)
-    run_dir = Path(cfg.run.out_dir)
-    log = (lambda msg: tqdm.write(f"[advxl] {msg}")) if dd.main else (lambda msg: None)
-    if dd.main:
-        write_run_info(run_dir, cfg)
-    if dd.world > 1:
-        dist.barrier()
+    dd = setup_distributed(device=cfg.run.device, threads=cfg.run.threads)
+    log = run_logger("advxl", dd)
+    run = RunDir(cfg.run.out_dir, dd=dd, log=log)
+    run.prepare(cfg.to_dict(), meta=environment_meta(source=__file__), fresh=cfg.run.fresh)
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(dd.device)
+    raw = build_model(cfg).to(dd.device)
     text = TextMode(cfg, dd.device) if cfg.clip_text else None
-    names = class_names(cfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    opt = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
     ema = None
     if cfg.optim.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+        ema = ModelEmaV3(raw, decay=cfg.optim.ema_decay)
     train_ds, val_ds = build_datasets(cfg, dd)
-    loader = make_loader(cfg, train_ds, dd, train=True)
-    samples, step, evals = 0, 0, []
-    state = load_latest_checkpoint(run_dir, log)
-    if state is None and cfg.model.init:
-        load_init_weights(cfg, model, log)
+    with quiet_set_vital():
+        loader = make_loader(cfg, train_ds, dd, train=True)
+    objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader}
+    state = run.resume()
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        samples, step, evals = state["samples_seen"], state["step"], json.loads(state["evals"])
-    raw = model
-    if dd.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
+        restore_training_state(state, objects, dd)
+    elif cfg.model.init:
+        load_init_weights(cfg, raw, log)
+    samples, step, evals = (state["samples_seen"], state["step"], json.loads(state["evals"])) if state else (0, 0, [])
+    timer = StepTimer(dd.device, state)
+
+    def checkpoint() -> Path | None:  # every rank: the loader and RNG states are gathered from all of them
+        st = training_state(objects, dd, samples_seen=samples, step=step, stage=locate(cfg, samples)[0],
+                            evals=json.dumps(evals), **timer.state())
+        return save_checkpoint(run.path, st, keep=cfg.run.keep_checkpoints) if dd.main else None
+
+    if state is None:
+        checkpoint()  # step 0: a run preempted before its first checkpoint resumes from here
+    model = wrap_ddp(raw, dd)
     attacker = raw  # the attack's view of the model: eager autograd prunes weight gradients by itself
     if cfg.run.compile:
         model = torch.compile(model)
         # a compiled backward computes the gradient of every input that requires one: compile a view whose
         # parameters are detached, so that the attack's backward computes the input gradient only
         attacker = torch.compile(detach_params(raw))
-    mixup = None
-    if cfg.augment.mixup or cfg.augment.cutmix:
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix,
-                      label_smoothing=cfg.augment.label_smoothing, num_classes=cfg.model.num_classes)
-    if state is not None and dd.main:
-        dropped = drop_metrics_after(run_dir / "metrics.jsonl", state["samples_seen"])
-        if dropped:
-            log(f"dropped {dropped} metric lines logged after that checkpoint (they are logged again)")
-    metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
-
-    def checkpoint() -> Path | None:
-        if not dd.main:
-            return None
-        st = {"model": raw.state_dict(), "optim": opt.state_dict(), "loader": loader.state_dict(),
-              "ema": ema.state_dict() if ema is not None else {}, "rng": rng_state(), "samples_seen": samples,
-              "step": step, "stage": locate(cfg, samples)[0], "evals": json.dumps(evals)}
-        return save_checkpoint(run_dir, st, keep=cfg.run.keep_checkpoints)
-
-    start, total = time.perf_counter(), cfg.total_samples
-    bar = tqdm(total=total, initial=samples, unit="img", unit_scale=True, disable=not dd.main, dynamic_ncols=True,
-               desc="advxl")
-    it = iter(loader)
-    next_ckpt = (samples // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
-    finished = True
+    a = cfg.augment
+    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing,
+                       num_classes=cfg.model.num_classes)
+    sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
+        if dd.main else ()
+    metrics, names = run.metrics(sinks=sinks), class_names(cfg)
+    total, batch = cfg.total_samples, cfg.data.batch_size
+    bar = Progress(total=total, initial=samples, unit="img", desc="advxl", dd=dd, every=cfg.run.log_every, log=log)
+    batches, ckpt_due, finished = cycle(loader), Every(cfg.run.checkpoint_every, start=samples), True
     raw.train()
     while samples < total:
         si, in_stage = locate(cfg, samples)
         stage = cfg.stages[si]
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, stage, in_stage)
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        t0 = time.perf_counter()
-        loss = train_step(cfg, model, raw, opt, ema, batch, stage, in_stage, step, dd, mixup, text, attacker)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} (stage {stage.name}); lower optim.lr?")
-        samples += cfg.data.batch_size
-        step += 1
-        bar.update(cfg.data.batch_size)
-        bar.set_postfix(stage=stage.name, px=stage.img_size, loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        log_now = step % cfg.run.log_every == 0 or step == 1
-        if log_now and dd.world > 1:  # the logged loss is the global batch's, as one process would log it
-            t = torch.tensor([loss], dtype=torch.float64, device=dd.device)
-            dist.all_reduce(t)
-            loss = float(t) / dd.world
-        if metrics and log_now:
-            metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "stage": stage.name,
-                                      "loss": loss, "lr": opt.param_groups[0]["lr"],
-                                      "img_per_s": cfg.data.batch_size / (time.perf_counter() - t0)}) + "\n")
-            metrics.flush()
+        b = timer.next(batches)
+        loss = train_step(cfg, model, raw, opt, ema, b, stage, in_stage, step, dd, mixup, text, attacker)
+        timer.done(batch)
+        check_finite(loss, step=step, where=f"stage {stage.name}")
+        samples, step = samples + batch, step + 1
         stage_done = locate(cfg, samples)[0] != si
+        bar.update(batch, stage=stage.name, px=stage.img_size, loss=loss, lr=opt.param_groups[0]["lr"])
+        if log_due(step, every=cfg.run.log_every, total=None) or stage_done:  # the last step ends the last stage
+            metrics.write({"kind": "train", "samples": samples, "step": step, "stage": stage.name,
+                           "lr": opt.param_groups[0]["lr"]} | all_mean({"loss": loss}, dd) | timer.window())
         if stage_done:
-            eval_model = ema.module if ema is not None else raw
             size = cfg.eval.img_size or stage.img_size
-            r = run_eval(cfg, eval_model, val_ds, dd, img_size=size, text=text, names=names)
-            r |= {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size}
-            evals.append(r)
+            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names)
+            evals.append(r | {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size})
             log(f"stage {stage.name} done at {samples} samples: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in r.items() if isinstance(v, float)))
-            if metrics:
-                metrics.write(json.dumps(r) + "\n")
-                metrics.flush()
+            metrics.write(evals[-1])
             raw.train()
-        if samples >= next_ckpt or stage_done:
+        if ckpt_due(samples, force=stage_done):
             path = checkpoint()
-            next_ckpt = (samples // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
             if path is not None:
                 log(f"checkpoint {path.name}")
-            if stop_after_samples is not None and samples >= stop_after_samples and samples < total:
+            if stop_after_samples is not None and stop_after_samples <= samples < total:
                 finished = False
                 break
     bar.close()
-    seconds = time.perf_counter() - start
-    if metrics:
-        metrics.close()
+    metrics.close()
+    seconds = timer.seconds
     if finished and cfg.eval.resolutions:
         sweep = resolution_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, text=text, names=names)
         if dd.main:
-            (run_dir / "resolution.md").write_text(format_resolution_table(sweep))
-            plot_resolution(sweep, run_dir / "resolution.png")
+            (run.path / "resolution.md").write_text(format_resolution_table(sweep))
+            plot_resolution(sweep, run.path / "resolution.png")
             log("test-time resolution:\n" + format_resolution_table(sweep))
     if dd.main and finished:
-        plot_metrics(run_dir, cfg)
-        (run_dir / "results.md").write_text(results_table(evals, cfg))
-        log(f"done in {seconds:.0f} s; results in {run_dir}")
-    if dd.world > 1:
-        dist.barrier()
-    return {"evals": evals, "run_dir": str(run_dir), "finished": finished, "seconds": seconds,
+        plot(run, cfg)
+        (run.path / "results.md").write_text(results_table(evals, cfg))
+        log(f"done in {seconds:.0f} s ({timer.train_seconds:.0f} s training steps); results in {run.path}")
+    barrier(dd)
+    return {"evals": evals, "run_dir": str(run.path), "finished": finished, "seconds": seconds,
+            "train_seconds": timer.train_seconds,
             "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}
-
 
 def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     key = f"pgd{cfg.eval.pgd_steps}"

@@ -20,11 +20,13 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
+from advtrain.training import load_config as _load_config
 
 Method = Literal["fast_advprop", "vanilla", "advprop"]
 DataKind = Literal["digits", "folder", "wds"]
-Precision = Literal["fp32", "bf16"]
 
 # ImageNet-C's 15 corruption types (Hendrycks & Dietterich, arXiv 1903.12261), as the imagecorruptions library
 # names them; its 4 extra "validation" corruptions (speckle_noise, gaussian_blur, spatter, saturate) may be listed too.
@@ -144,16 +146,11 @@ class Eval:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Run:
+class Run(RunConfig):
+    """The run section (advtrain.training.RunConfig: out_dir, seed, precision, checkpoints, logging, sinks)."""
+
     out_dir: str = "runs/fast_advprop"
-    seed: int = 0
-    precision: Precision = "bf16"
-    checkpoint_every: int = 1_000_000  # samples between checkpoints (and one at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 50  # steps between metric lines
     compare: bool = False  # launch: also train vanilla, AdvProp PGD-5 and AdvProp PGD-1 at the same budget
-    device: str | None = None  # default: cuda if available, else cpu
-    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,7 +208,12 @@ def cost_per_epoch(cfg: TrainConfig) -> float:
 
 
 def run_epochs(cfg: TrainConfig) -> float:
-    """The epochs this run trains: the vanilla budget divided by :func:`cost_per_epoch` (when calibrated)."""
+    """The epochs this run trains: the vanilla budget divided by :func:`cost_per_epoch` (when calibrated).
+
+    Example:
+        >>> round(run_epochs(preset("imagenet_resnet50")), 9)
+        87.5
+    """
     return cfg.optim.epochs / cost_per_epoch(cfg) if cfg.optim.calibrate else cfg.optim.epochs
 
 
@@ -229,7 +231,12 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
 
 
 def split_counts(cfg: TrainConfig, batch: int) -> tuple[int, int]:
-    """(clean rows, attacked rows) of a batch of ``batch`` images: fast_advprop attacks the last p_adv of them."""
+    """(clean rows, attacked rows) of a batch of ``batch`` images: fast_advprop attacks the last p_adv of them.
+
+    Example:
+        >>> split_counts(preset("imagenet_resnet50"), 320)
+        (256, 64)
+    """
     match cfg.method:
         case "fast_advprop":
             n_adv = round(cfg.adv.p_adv * batch)
@@ -244,95 +251,14 @@ def split_counts(cfg: TrainConfig, batch: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ (de)serialization
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Builds a (nested) config dataclass from plain data, as produced by ``dataclasses.asdict``."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else from_dict(tp, value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"cannot read {value!r} as {tp}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected a list for {tp}; got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v) for v in value)
-        if len(value) != len(args):
-            raise ValueError(f"expected {len(args)} values for {tp}; got {value!r}")
-        return tuple(_coerce(a, v) for a, v in zip(args, value))
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{value!r} is not one of {args}")
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise TypeError(f"expected an int; got {value!r}")
-    if tp in (int, str, bool, float) and not isinstance(value, tp):
-        raise TypeError(f"expected {tp.__name__}; got {value!r}")
-    return value
-
-
 def load_config(path: str | Path) -> TrainConfig:
-    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+    """A config saved as JSON (a run directory's ``config.json``); ``override`` applies ``dotted.key=value`` items."""
+    return _load_config(TrainConfig, path)
 
 
-def override(cfg: TrainConfig, items: list[str]) -> TrainConfig:
-    """Applies ``dotted.key=value`` overrides (values parsed as JSON, else kept as strings).
-
-    Example:
-        >>> cfg = override(preset("embedded"), ["method=advprop", "adv.advprop_steps=1", "optim.lr=0.05"])
-        >>> cfg.method, cfg.adv.advprop_steps, cfg.optim.lr
-        ('advprop', 1, 0.05)
-    """
-    data = json.loads(cfg.to_json())
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            try:
-                node = node[int(p)] if isinstance(node, list) else node[p]
-            except (KeyError, IndexError, ValueError):
-                raise ValueError(f"override {key!r}: no field {p!r}") from None
-            if not isinstance(node, (dict, list)):
-                raise ValueError(f"override {key!r}: {p!r} is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        elif last not in node:
-            raise ValueError(f"override {key!r}: no field {last!r} (have {sorted(node)})")
-        else:
-            node[last] = value
-    return from_dict(TrainConfig, data)
+def preset(name: str) -> TrainConfig:
+    """A fresh copy of the named preset (``PRESETS``, below)."""
+    return choose(PRESETS, name)()
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -418,18 +344,8 @@ def imagenet_resnet50(path: str = "/datasets/imagenet") -> TrainConfig:
     )
 
 
-PRESETS = {
-    "embedded": embedded,
-    "imagenette224": imagenette224,
-    "cifar10": cifar10,
-    "imagenet_resnet50": imagenet_resnet50,
-}
+PRESETS = {f.__name__: f for f in (embedded, imagenette224, cifar10, imagenet_resnet50)}
 
-
-def preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]()
 
 
 def check_consistency(cfg: TrainConfig, world: int = 1) -> None:

@@ -3,11 +3,12 @@
 Runs in this process by default (for several GPUs on one machine, ``torchrun --nproc-per-node N -m
 recipes.fast_advprop.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slurm`` submits the same run
 through submitit (see ``recipes/cluster.py``) and ``--cluster local`` runs it through submitit's local executor.
-A run resumes from the latest valid checkpoint in ``run.out_dir``. With ``run.compare=true`` the launcher trains
-four runs at the same budget, each in its own sub-directory, and prints one table: Fast AdvProp (the config as
-given), vanilla, AdvProp PGD-5 and AdvProp PGD-1. The baselines load the Fast AdvProp run's clean images per step
-(its batch minus the attacked share), so every method sees the same clean batch and learning rate, as in the
-paper's scripts.
+A run resumes from the latest valid checkpoint in ``run.out_dir``; ``--fresh`` starts over there (the old files
+are moved aside), and a directory holding a run with another config is refused, naming the fields that differ.
+With ``run.compare=true`` the launcher trains four runs at the same budget, each in its own sub-directory, and
+prints one table: Fast AdvProp (the config as given), vanilla, AdvProp PGD-5 and AdvProp PGD-1. The baselines
+load the Fast AdvProp run's clean images per step (its batch minus the attacked share), so every method sees the
+same clean batch and learning rate, as in the paper's scripts.
 
 Examples:
     python -m recipes.fast_advprop.launch                                  # embedded default: digits, CPU, 4 runs
@@ -19,31 +20,17 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-import time
 from pathlib import Path
 
-from recipes import cluster
-from recipes.fast_advprop.config import PRESETS, TrainConfig, cost_per_epoch, override, preset, run_epochs, split_counts
+from recipes import cli
+from recipes.fast_advprop.config import PRESETS, TrainConfig, cost_per_epoch, preset, run_epochs, split_counts
 
 
-def parse(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m recipes.fast_advprop.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="a named configuration")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config (with --cluster: also the job parameters and sbatch script) and exit")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value (JSON values), e.g. optim.lr=0.05 method=vanilla")
-    cluster.add_cluster_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = override(preset(args.preset), args.overrides)
-    except (ValueError, TypeError) as err:
-        p.error(str(err))
-    return cfg, args
+def parse(argv: list[str] | None = None):
+    """``(cfg, args)`` from the command line (see the module docstring)."""
+    return cli.parse(argv, prog="python -m recipes.fast_advprop.launch", doc=__doc__, presets=PRESETS, preset=preset,
+                     example="optim.lr=0.05 method=vanilla")
 
 
 def baselines(cfg: TrainConfig) -> dict[str, TrainConfig]:
@@ -110,28 +97,12 @@ def check(cfg: TrainConfig, world: int) -> None:
     """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes."""
     from recipes.fast_advprop.train import validate
 
-    for c in baselines(cfg).values() if cfg.run.compare else (cfg,):
-        validate(c)
-        if c.data.batch_size % world:
-            raise ValueError(f"data.batch_size ({c.data.batch_size}, method {c.method}) is the global batch: it "
-                             f"must divide evenly over {world} processes")
+    cli.check_runs(list(baselines(cfg).values()) if cfg.run.compare else [cfg], world, validate=validate)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(argv)
-    if args.cluster:
-        cluster.main_or_exit("fast_advprop", cfg, args, check=check)
-        return
-    if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return
-    try:
-        check(cfg, 1)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"configuration error: {err}")
-    start = time.perf_counter()
-    run_local(cfg)
-    print(f"total wall-clock: {time.perf_counter() - start:.0f} s")
+    cli.main("fast_advprop", cfg, args, check=check, run_local=run_local)
 
 
 if __name__ == "__main__":

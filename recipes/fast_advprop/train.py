@@ -29,100 +29,37 @@ vanilla step (benchmarks/fast_advprop_cpu.py; the paper's accounting: 1.2x).
 Run it through ``python -m recipes.fast_advprop.launch``; ``main(cfg)`` is the entry point for one process (DDP
 when ``WORLD_SIZE > 1``).
 """
-
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
-import hashlib
-import inspect
 import io
 import json
 import math
 import os
-import platform
-import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tqdm.auto import tqdm
 
-import advtrain
 from advtrain import pgd, project
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
-from advtrain.eval import eval_mode, evaluate
+from advtrain.eval import corruption_errors, evaluate
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
+from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
+                               check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
+                               log_due, make_mixup, open_sinks, plot_metrics, quiet_set_vital, read_metrics,
+                               restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
+                               setup_distributed, stable_seed, step_generator, take, training_state, wrap_ddp)
 from recipes.fast_advprop.config import (TrainConfig, check_consistency, cost_per_epoch, lr_at, run_epochs,
                                          split_counts)
-
-# ================================================================================================ setup
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    """Initializes torch.distributed from the environment (torchrun, submitit/SLURM) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}") if want == "cuda" else torch.device(want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    return Dist(rank, world, local, device)
-
-
-def step_generator(seed: int, step: int, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator for one step's randomness: a pure function of (seed, step, salt), so resume is exact."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
-    return g
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from any printable parts, the same in every process (Python's ``hash`` of a str is salted)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & 0x7FFFFFFF
-
-
-@contextlib.contextmanager
-def seeded_host_rng(seed: int):
-    """Seeds Python's and NumPy's global RNGs for the block (timm's MixUp and the corruptions use them), then
-    restores them."""
-    py, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
 
 
 # ================================================================================================ data
@@ -446,17 +383,8 @@ def build_model(cfg: TrainConfig) -> Normalized:
     return Normalized(convert_split_bn_(create_model(cfg)), cfg.model.mean, cfg.model.std)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 
 # ================================================================================================ the step
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.run.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -490,7 +418,7 @@ def train_pass(cfg, model, raw, x, y, *, route: str, weight: float, last: bool, 
     Returns the detached per-sample losses and the pass's training top-1 (what the paper's Fig. 2 plots).
     """
     with maybe_no_sync(model, enabled=not last):
-        with bn(raw, route, cfg.adv.bn_groups), autocast(cfg, dd.device):
+        with bn(raw, route, cfg.adv.bn_groups), autocast(cfg.run.precision, dd.device):
             out = model(x)
             loss = training_loss(cfg)(out, y)
         (weight * loss.sum()).backward()
@@ -559,7 +487,7 @@ def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
     x_k = random_start(xa, a.eps, g) if a.random_start else xa
     for k in range(a.steps):  # PGD-K; every step's forward/backward also trains the weights (gradient recycling)
         with maybe_no_sync(model, enabled=True):
-            with bn(raw, "adv", a.bn_groups), autocast(cfg, dd.device):
+            with bn(raw, "adv", a.bn_groups), autocast(cfg.run.precision, dd.device):
                 r = recycled_step(model, xa, ya, x_k - xa, beta=a.beta, loss_fn=training_loss(cfg))
         x_k = project(x_k + a.step_size * r.grad.sign(), xa, eps=a.eps, norm="linf")
         total += a.beta * float(r.loss.sum())
@@ -577,7 +505,7 @@ def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
 def advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
     """AdvProp: PGD-K on every image through the auxiliary BN (train mode), then a clean and an adversarial pass."""
     a = cfg.adv
-    with bn(raw, "adv", a.bn_groups), autocast(cfg, dd.device):
+    with bn(raw, "adv", a.bn_groups), autocast(cfg.run.precision, dd.device):
         # batch statistics, as the training pass; pgd restores the running statistics it moves
         x_adv = pgd(raw, x, y, eps=a.eps, step_size=a.step_size, steps=a.advprop_steps, norm="linf",
                     random_start=a.random_start, loss_fn=training_loss(cfg), generator=g)
@@ -614,7 +542,9 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     e = cfg.eval
 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
-        for b in _take(make_loader(cfg, val_ds, dataclasses.replace(dd, world=1), train=False), cfg.data.val_samples):
+        with quiet_set_vital():
+            loader = make_loader(cfg, val_ds, dataclasses.replace(dd, world=1), train=False)
+        for b in take(loader, cfg.data.val_samples):
             yield b[0].to(dd.device).float().div(255), b[1]
 
     attacks = {}
@@ -622,52 +552,12 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
         attacks[f"pgd{e.pgd_steps}"] = functools.partial(
             pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
             generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
-    with autocast(cfg, dd.device):
-        r = evaluate(raw, batches(), attacks=attacks, device=dd.device, progress=True, desc="eval")
+    with autocast(cfg.run.precision, dd.device):
+        r = evaluate(raw, batches(), attacks=attacks, device=dd.device, progress=interactive(), desc="eval")
     out = {"clean": r.clean, "n": r.n} | dict(r.robust)
     if corruptions and e.corruptions:
         out |= corruption_eval(cfg, raw, val_ds, dd)
     return out
-
-
-def _take(loader, limit: int | None):
-    n = 0
-    for b in loader:
-        if limit is not None and n >= limit:
-            return
-        if limit is not None and n + len(b[1]) > limit:
-            b = [b[0][: limit - n], b[1][: limit - n]]
-        n += len(b[1])
-        yield b
-        if isinstance(loader.dataset, IterableDataset) and limit is None:
-            raise ValueError("streaming validation data needs data.val_samples")
-
-
-class Corrupted(Dataset):
-    """Every (corruption, severity, image) of a list of validation images, corrupted on the fly.
-
-    The corruptions come from the ``imagecorruptions`` library (Michaelis et al., arXiv 1907.07484: Hendrycks &
-    Dietterich's ImageNet-C code, arXiv 1903.12261), on ``(H, W, 3)`` uint8 images of at least 32 px. Their
-    randomness (NumPy's global RNG, or a ``seed`` argument) is seeded by (seed, corruption, severity, image).
-    Items are ``(image, label, pair)`` with ``pair`` indexing ``pairs``.
-    """
-
-    def __init__(self, images: list[Tensor], labels: list[int], pairs: list[tuple[str, int]], *, seed: int):
-        self.images, self.labels, self.pairs, self.seed = images, labels, pairs, seed
-
-    def __len__(self) -> int:
-        return len(self.pairs) * len(self.images)
-
-    def __getitem__(self, k: int):
-        from imagecorruptions import corrupt, corruption_dict
-
-        p, i = divmod(k, len(self.images))
-        name, severity = self.pairs[p]
-        s = stable_seed(self.seed, name, severity, i)
-        kwargs = {"seed": s} if "seed" in inspect.signature(corruption_dict[name]).parameters else {}
-        with seeded_host_rng(s):
-            img = corrupt(self.images[i].permute(1, 2, 0).numpy(), corruption_name=name, severity=severity, **kwargs)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous(), self.labels[i], p
 
 
 def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]]:
@@ -688,96 +578,12 @@ def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]
 
 
 def corruption_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist) -> dict:
-    """Top-1 error under every (corruption, severity); the mean over all of them (unnormalized mCE, in [0, 1]).
-
-    Returns ``{"corruption_error": mean, "corruption_errors": {name: [error per severity]}, "corruption_n": n}``.
-    ImageNet-C's mCE divides each type's error by AlexNet's; that needs AlexNet's errors on the same images, so
-    this reports the plain mean error, as the Fast AdvProp code's ``CE (unnormalized)``.
-    """
-    e = cfg.eval
+    """Top-1 error under every (corruption, severity) and their mean (advtrain.eval.corruption_errors)."""
     images, labels = corruption_images(cfg, val_ds)
-    pairs = [(name, s) for name in e.corruptions for s in e.severities]
-    ds = Corrupted(images, labels, pairs, seed=cfg.run.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                         shuffle=False)
-    correct = torch.zeros(len(pairs), dtype=torch.int64)
-    with eval_mode(raw), torch.no_grad(), autocast(cfg, dd.device):
-        for x, y, p in tqdm(loader, desc="corruptions", unit="batch", dynamic_ncols=True):
-            ok = raw(x.to(dd.device).float().div_(255)).argmax(1).cpu() == y
-            correct += torch.bincount(p[ok], minlength=len(pairs))
-    err = (1 - correct.double() / len(images)).view(len(e.corruptions), len(e.severities))
-    return {"corruption_error": float(err.mean()), "corruption_n": len(images),
-            "corruption_errors": {name: err[i].tolist() for i, name in enumerate(e.corruptions)}}
-
-
-# ================================================================================================ checkpoints
-
-
-def save_checkpoint(run_dir: Path, state: dict, *, keep: int) -> Path:
-    """Writes ``ckpt-<samples>.pt`` atomically (temp file + rename) with a sha256 sidecar; keeps the last ``keep``."""
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    path = ckdir / f"ckpt-{state['samples_seen']:012d}.pt"
-    for target, payload in ((path, data), (path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, target)
-    for old in sorted(ckdir.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".sha256").unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(run_dir: Path, log) -> dict | None:
-    """The newest checkpoint whose bytes match its sha256 and that loads with ``weights_only=True``.
-
-    A truncated or corrupt file is reported and skipped; the run falls back to the previous checkpoint.
-    """
-    for path in sorted((run_dir / "checkpoints").glob("ckpt-*.pt"), reverse=True):
-        try:
-            data = path.read_bytes()
-            sidecar = path.with_suffix(".sha256")
-            if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
-                raise ValueError("sha256 mismatch (truncated or corrupt)")
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            log(f"resuming from {path} ({state['samples_seen']} samples seen)")
-            return state
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-            log(f"checkpoint {path.name} is unusable ({type(err).__name__}: {err}); falling back to the previous one")
-    return None
-
-
-def drop_metrics_after(path: Path, samples: int) -> int:
-    """Keeps the metric lines at or before ``samples`` (the resumed checkpoint's); returns how many were dropped.
-
-    A preempted run logged steps past its last checkpoint; the resumed run logs them again.
-    """
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("samples", 0) <= samples]
-    if len(keep) != len(lines):
-        path.write_text("".join(line + "\n" for line in keep))
-    return len(lines) - len(keep)
-
-
-def rng_state() -> dict:
-    py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    with autocast(cfg.run.precision, dd.device):
+        return corruption_errors(raw, images, labels, corruptions=cfg.eval.corruptions, severities=cfg.eval.severities,
+                                 seed=cfg.run.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                 device=dd.device, progress=interactive())
 
 
 # ================================================================================================ validation
@@ -785,12 +591,9 @@ def set_rng_state(s: dict) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Every configuration error we can find before training starts, with a message that names it."""
-    import timm
-
     check_consistency(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if not timm.is_model(cfg.model.name):
-        close = difflib.get_close_matches(cfg.model.name, timm.list_models(), n=3)
-        raise ValueError(f"unknown timm model {cfg.model.name!r}" + (f"; did you mean {close}?" if close else ""))
+    check_timm_model(cfg.model.name)
+    check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
     with torch.device("meta"):  # builds no weights: checks the BatchNorms and the kwargs in well under a second
         try:
             inner = create_model(cfg)
@@ -854,81 +657,31 @@ def _first_sample_keys(shard: str) -> set[str]:
 # ================================================================================================ run directory
 
 
-def write_run_info(run_dir: Path, cfg: TrainConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
-        raise ValueError(f"{run_dir} holds a run with a different config; choose another run.out_dir or delete it")
-    saved.write_text(cfg.to_json())
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                             timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        rev, dirty = "unknown", False
-    import timm
-    from importlib import metadata
-
-    def version(dist_name: str) -> str | None:
-        try:
-            return metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    meta = {"git_revision": rev, "git_dirty": dirty, "command": sys.argv, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "advtrain": advtrain.__version__,
-            "imagecorruptions": version("imagecorruptions-imaug") or version("imagecorruptions"),
-            "host": platform.node(), "cuda": torch.version.cuda, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "cost_per_epoch": cost_per_epoch(cfg), "run_epochs": run_epochs(cfg)}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def plot_metrics(run_dir: Path, cfg: TrainConfig) -> Path | None:
-    """Training losses, training top-1 of each pass (the paper's Fig. 2: clean / noisy / adversarial, averaged between
-    metric lines), clean / PGD top-1 at each evaluation, final corruption errors; left to right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    if not train:
-        return None
-    fig, (a, t, b, c) = plt.subplots(1, 4, figsize=(20, 4))
-    for key in ("loss", "loss_clean", "loss_noisy", "loss_adv"):
-        pts = [(r["samples"], r[key]) for r in train if key in r]
-        if pts and not (key == "loss_clean" and cfg.method == "vanilla"):
-            a.plot(*zip(*pts), lw=1, label=key)
-    a.set(xlabel="samples seen", ylabel="training loss", title=f"{cfg.method}: losses")
-    a.legend()
-    for key in ("acc_clean", "acc_noisy", "acc_adv"):
-        pts = [(r["samples"], 100 * r[key]) for r in train if key in r]
-        if pts:
-            t.plot(*zip(*pts), lw=1, label=key.removeprefix("acc_"))
-    t.set(xlabel="samples seen", ylabel="training top-1 (%)", title="training top-1 by pass")
-    t.legend()
-    for key in sorted({k for r in evals for k in r if k == "clean" or k.startswith("pgd")}):
-        b.plot(*zip(*[(r["samples"], 100 * r[key]) for r in evals if key in r]), marker="o", label=key)
-    b.set(xlabel="samples seen", ylabel="top-1 (%)", title="evaluation")
-    if evals:
-        b.legend()
+def _corruption_bars(ax, evals: list[dict]) -> None:
     last = next((r for r in reversed(evals) if "corruption_errors" in r), None)
-    if last:
-        names = list(last["corruption_errors"])
-        c.barh(names, [100 * sum(v) / len(v) for v in last["corruption_errors"].values()])
-        c.invert_yaxis()
-        c.set(xlabel="top-1 error (%), mean over severities",
-              title=f"corruptions: mean {100 * last['corruption_error']:.1f}%")
-    else:
-        c.axis("off")
-    fig.tight_layout()
-    path = run_dir / "metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    if last is None:
+        ax.axis("off")
+        return
+    names = list(last["corruption_errors"])
+    ax.barh(names, [100 * sum(v) / len(v) for v in last["corruption_errors"].values()])
+    ax.invert_yaxis()
+    ax.set(xlabel="top-1 error (%), mean over severities",
+           title=f"corruptions: mean {100 * last['corruption_error']:.1f}%")
+
+
+def plot(run: RunDir, cfg: TrainConfig, total: int) -> Path | None:
+    """metrics.png: training losses, training top-1 of each pass (the paper's Fig. 2: clean / noisy / adversarial,
+    averaged between metric lines), clean / PGD top-1 at each evaluation, final corruption errors."""
+    skip = "loss_clean" if cfg.method == "vanilla" else None  # vanilla's clean loss is its loss
+    losses = tuple(k for k in ("loss", "loss_clean", "loss_noisy", "loss_adv") if k != skip)
+    passes = {k: k.removeprefix("acc_") for k in ("acc_clean", "acc_noisy", "acc_adv")}
+    panels = [Panel(title=f"{cfg.method}: training losses", ylabel="training loss", keys=losses),
+              Panel(title="training top-1 by pass", ylabel="training top-1 (%)", keys=tuple(passes), scale=100,
+                    labels=passes),
+              Panel(title="evaluation", ylabel="top-1 (%)", kind="eval", scale=100,
+                    keys=lambda k: k == "clean" or (k.startswith("pgd") and k[3:].isdigit())),
+              Panel(title="corruptions", kind="eval", draw=_corruption_bars)]
+    return plot_metrics(read_metrics(run.metrics_path), run.path / "metrics.png", panels=panels, total=total)
 
 
 def results_table(evals: list[dict], cfg: TrainConfig) -> str:
@@ -953,6 +706,7 @@ def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+
 # ================================================================================================ main
 
 
@@ -966,133 +720,95 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
 
     Returns:
         ``{"evals", "run_dir", "finished", "seconds", "train_seconds", "steps", "epochs", "final_weights"}``;
-        ``train_seconds`` counts the training steps only (no evaluation), summed over resumed runs.
+        ``train_seconds`` counts the training steps only (no data wait, no evaluation); both times are summed
+        over resumed runs (a finished run re-run reports the times it took).
     """
     validate(cfg)
-    dd = setup_distributed(cfg)
-    run_dir = Path(cfg.run.out_dir)
-    log = (lambda msg: tqdm.write(f"[fast_advprop] {msg}")) if dd.main else (lambda msg: None)
-    if dd.main:
-        write_run_info(run_dir, cfg)
-    if dd.world > 1:
-        dist.barrier()
+    dd = setup_distributed(device=cfg.run.device, threads=cfg.run.threads)
+    log = run_logger("fast_advprop", dd)
+    run = RunDir(cfg.run.out_dir, dd=dd, log=log)
+    meta = environment_meta(source=__file__, imagecorruptions=("imagecorruptions-imaug", "imagecorruptions"))
+    run.prepare(cfg.to_dict(), meta=meta | {"cost_per_epoch": cost_per_epoch(cfg), "run_epochs": run_epochs(cfg)},
+                fresh=cfg.run.fresh)
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(dd.device)
+    raw = build_model(cfg).to(dd.device)
     o = cfg.optim
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    opt = torch.optim.SGD(raw.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                           nesterov=o.nesterov)
     train_ds, val_ds = build_datasets(cfg, dd)
     n_train, batch = train_size(cfg, train_ds), cfg.data.batch_size
     total = max(1, round(run_epochs(cfg) * n_train / batch))  # optimizer steps
     eval_steps = {max(1, round(total * (i + 1) / cfg.eval.evals)) for i in range(cfg.eval.evals)}
-    loader = make_loader(cfg, train_ds, dd, train=True)
-    step, evals, train_seconds = 0, [], 0.0
-    state = load_latest_checkpoint(run_dir, log)
+    with quiet_set_vital():
+        loader = make_loader(cfg, train_ds, dd, train=True)
+    objects = {"model": raw, "optim": opt, "loader": loader}
+    state = run.resume()
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step, evals, train_seconds = state["step"], json.loads(state["evals"]), state["train_seconds"]
-    raw = model
-    if dd.world > 1:  # the clean and adversarial passes use different BNs: some parameters sit out each pass
-        ids = [dd.local_rank] if dd.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=ids, find_unused_parameters=True)
-    mixup = None
-    if cfg.augment.mixup or cfg.augment.cutmix:
-        from timm.data import Mixup
+        restore_training_state(state, objects, dd)
+    step, evals = (state["step"], json.loads(state["evals"])) if state else (0, [])
+    timer = StepTimer(dd.device, state)
 
-        mixup = Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix,
-                      label_smoothing=cfg.augment.label_smoothing, num_classes=cfg.model.num_classes)
-    if state is not None and dd.main:
-        dropped = drop_metrics_after(run_dir / "metrics.jsonl", state["step"] * batch)
-        if dropped:
-            log(f"dropped {dropped} metric lines logged after that checkpoint (they are logged again)")
-    metrics = (run_dir / "metrics.jsonl").open("a") if dd.main else None
-    acc_window: dict[str, list[float]] = {}
+    def checkpoint() -> Path | None:  # every rank: the loader and RNG states are gathered from all of them
+        st = training_state(objects, dd, samples_seen=step * batch, step=step, evals=json.dumps(evals), **timer.state())
+        return save_checkpoint(run.path, st, keep=cfg.run.keep_checkpoints) if dd.main else None
+
+    if state is None:
+        checkpoint()  # step 0: a run preempted before its first checkpoint resumes from here
+    # the clean and adversarial passes use different BNs: some parameters sit out each pass
+    model = wrap_ddp(raw, dd, find_unused_parameters=True)
+    a = cfg.augment
+    mixup = make_mixup(mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing,
+                       num_classes=cfg.model.num_classes)
+    sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
+        if dd.main else ()
+    metrics, acc_window = run.metrics(sinks=sinks), {}
     log(f"{cfg.method}: {run_epochs(cfg):.2f} epochs = {total} steps of {batch} images "
         f"(cost {cost_per_epoch(cfg):g}x vanilla per epoch, budget {o.epochs:g} vanilla epochs)")
-
-    def checkpoint() -> Path | None:
-        if not dd.main:
-            return None
-        st = {"model": raw.state_dict(), "optim": opt.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-              "samples_seen": step * batch, "step": step, "evals": json.dumps(evals), "train_seconds": train_seconds}
-        return save_checkpoint(run_dir, st, keep=cfg.run.keep_checkpoints)
-
-    start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, unit="step", disable=not dd.main, dynamic_ncols=True, desc=cfg.method)
-    it = iter(loader)
-    next_ckpt = (step * batch // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
-    finished = True
+    bar = Progress(total=total, initial=step, unit="step", desc=cfg.method, dd=dd, every=cfg.run.log_every, log=log)
+    batches, ckpt_due, finished = cycle(loader), Every(cfg.run.checkpoint_every, start=step * batch), True
     raw.train()
     while step < total:
         epoch = step * batch / n_train
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader)
-            b = next(it)
-        t0 = time.perf_counter()
-        losses = train_step(cfg, model, raw, opt, b, step, dd, mixup)
+        losses = train_step(cfg, model, raw, opt, timer.next(batches), step, dd, mixup)
+        timer.done(batch)
         for k, v in losses.items():  # per-pass training top-1, averaged over the steps between metric lines
-            if k.startswith("acc_") and math.isfinite(v):
+            if k.startswith("acc_") and math.isfinite(v):  # NaN: a pass with no rows
                 acc_window.setdefault(k, []).append(v)
-        if dd.device.type == "cuda":
-            torch.cuda.synchronize(dd.device)
-        train_seconds += time.perf_counter() - t0
-        if not math.isfinite(losses["loss"]):
-            raise FloatingPointError(f"loss is {losses['loss']} at step {step} ({cfg.method}); lower optim.lr?")
+        check_finite(losses["loss"], step=step, where=cfg.method)
         step += 1
         samples = step * batch
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        log_now = step % cfg.run.log_every == 0 or step == 1
-        if log_now:
-            logged = losses | {k: sum(v) / len(v) for k, v in acc_window.items()}
+        bar.update(1, loss=losses["loss"], lr=opt.param_groups[0]["lr"])
+        if log_due(step, every=cfg.run.log_every, total=total):  # the global batch's values, as one process's
+            logged = all_mean(losses | {k: sum(v) / len(v) for k, v in acc_window.items()}, dd)
             acc_window.clear()
-            if dd.world > 1:  # the global batch's losses and accuracies, as one process would log them
-                keys = sorted(logged)
-                t = torch.tensor([logged[k] for k in keys], dtype=torch.float64, device=dd.device)
-                dist.all_reduce(t)
-                logged = dict(zip(keys, (t / dd.world).tolist()))
-        if metrics and log_now:
-            metrics.write(json.dumps({"kind": "train", "samples": samples, "step": step, "epoch": epoch,
-                                      "lr": opt.param_groups[0]["lr"], "img_per_s": batch / (time.perf_counter() - t0)}
-                                     | logged) + "\n")
-            metrics.flush()
+            metrics.write({"kind": "train", "samples": samples, "step": step, "epoch": epoch,
+                           "lr": opt.param_groups[0]["lr"]} | timer.window() | logged)
         if step in eval_steps:
             if dd.main:
                 r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total)
-                r |= {"kind": "eval", "samples": samples, "step": step, "epoch": samples / n_train}
-                evals.append(r)
+                evals.append(r | {"kind": "eval", "samples": samples, "step": step, "epoch": samples / n_train})
                 log(f"eval at step {step}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in r.items()
-                                                           if isinstance(v, float) and k != "epoch"))
-                metrics.write(json.dumps(r) + "\n")
-                metrics.flush()
-            if dd.world > 1:
-                dist.barrier()
+                                                           if isinstance(v, float)))
+                metrics.write(evals[-1])
+            barrier(dd)
             raw.train()
-        if samples >= next_ckpt or step == total:
+        if ckpt_due(samples, force=step == total):
             path = checkpoint()
-            next_ckpt = (samples // cfg.run.checkpoint_every + 1) * cfg.run.checkpoint_every
             if path is not None:
                 log(f"checkpoint {path.name}")
             if stop_after_samples is not None and samples >= stop_after_samples and step < total:
                 finished = False
                 break
     bar.close()
-    seconds = time.perf_counter() - start
-    if metrics:
-        metrics.close()
+    metrics.close()
+    seconds = timer.seconds
     if dd.main and finished:
-        plot_metrics(run_dir, cfg)
-        (run_dir / "results.md").write_text(results_table(evals, cfg))
-        log(f"done in {seconds:.0f} s ({train_seconds:.0f} s training); results in {run_dir}")
-    if dd.world > 1:
-        dist.barrier()
-    return {"evals": evals, "run_dir": str(run_dir), "finished": finished, "seconds": seconds,
-            "train_seconds": train_seconds, "steps": total, "epochs": run_epochs(cfg),
+        plot(run, cfg, total * batch)
+        (run.path / "results.md").write_text(results_table(evals, cfg))
+        log(f"done in {seconds:.0f} s ({timer.train_seconds:.0f} s training); results in {run.path}")
+    barrier(dd)
+    return {"evals": evals, "run_dir": str(run.path), "finished": finished, "seconds": seconds,
+            "train_seconds": timer.train_seconds, "steps": total, "epochs": run_epochs(cfg),
             "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}

@@ -10,10 +10,11 @@ import tarfile
 import pytest
 import torch
 
+from advtrain.training import load_latest_checkpoint
 from recipes.advxl import train
-from recipes.advxl.config import (Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, load_config,
-                                  override, preset)
+from recipes.advxl.config import (Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, override, preset)
 from recipes.advxl.launch import parse
+from tests.gloo import spawn_gloo
 
 
 def tiny(tmp_path, **run) -> TrainConfig:
@@ -44,15 +45,6 @@ def losses(run_dir) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ config
-
-
-def test_config_round_trips_through_json(tmp_path):
-    for name in ("embedded", "imagenette224", "cifar10", "imagenet_vit_b16", "imagenet_vit_l16",
-                 "imagenet_vit_s_convstem"):
-        cfg = preset(name)
-        path = tmp_path / f"{name}.json"
-        path.write_text(cfg.to_json())
-        assert load_config(path) == cfg
 
 
 def test_paper_schedule_in_the_imagenet_preset():
@@ -163,6 +155,9 @@ def test_smoke_run_with_pinned_losses_and_run_directory(tmp_path):
     assert {"git_revision", "torch", "timm", "advtrain"} <= set(meta)
     assert "| fine | 32 |" in (run_dir / "results.md").read_text()
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.pt"))) == 2  # the last 2 kept
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in rows if r["kind"] == "train"):  # the data wait and the end-to-end throughput
+        assert r["data_wait_s"] >= 0 and r["img_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -179,6 +174,75 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rerun_of_finished_runs_keeps_their_times_in_the_comparison(tmp_path, capsys):
+    from recipes.advxl import launch
+
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compare_standard=True))
+    first = launch.run_local(cfg)
+    again = launch.run_local(cfg)  # both runs resume from their final checkpoints: nothing is trained
+    for label in ("adversarial", "standard"):
+        a, b = first[label], again[label]
+        assert b["train_seconds"] == a["train_seconds"] > 0  # the times measured when they trained, not 0
+        assert b["seconds"] == pytest.approx(a["seconds"], abs=0.5) and b["evals"] == a["evals"]
+
+    def times(table: str) -> list[float]:  # the time column of the comparison's two rows
+        return [float(line.split("|")[-2]) for line in table.splitlines()[2:4]]
+
+    assert times((tmp_path / "run" / "comparison.md").read_text()) == pytest.approx(times(first["table"]), abs=1)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "advxl 192/192 img" in out  # no bar where stdout is not a terminal: lines
+
+
+def test_a_changed_override_on_a_rerun_exits_with_the_differing_fields(tmp_path):
+    from recipes.advxl import launch
+
+    out_dir = json.dumps(str(tmp_path / "run"))
+    cfg, _ = launch.parse(["--preset", "embedded", f"run.out_dir={out_dir}"])
+    for sub in launch.runs(cfg).values():  # a finished run's config.json, as train.main saved it
+        (tmp_path / sub.run.out_dir).mkdir(parents=True)
+        (tmp_path / sub.run.out_dir / "config.json").write_text(sub.to_json())
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--preset", "embedded", f"run.out_dir={out_dir}", "optim.lr=0.002", "data.batch_size=32"])
+    msg = str(e.value)
+    assert "\n" not in msg and f"{tmp_path / 'run' / 'adversarial'} holds a run with a different config" in msg
+    assert "data.batch_size 64 -> 32, optim.lr 0.003 -> 0.002" in msg and "--fresh" in msg
+    with pytest.raises(SystemExit) as e:  # a bad value: the key and the value in one line
+        launch.main(["--preset", "embedded", "optim.lr=fast"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_no_usable_checkpoint_is_refused_and_fresh_starts_a_clean_log(tmp_path, capsys):
+    from advtrain.training import RunDirError
+
+    cfg = tiny(tmp_path)
+    train.main(cfg, stop_after_samples=64)
+    for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"):
+        p.write_bytes(b"damaged")
+    with pytest.raises(RunDirError, match="no usable checkpoint to resume from; start over with --fresh"):
+        train.main(cfg)
+    out = train.main(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, fresh=True)))
+    assert out["finished"]
+    (old,) = (tmp_path / "run").glob("previous-*")
+    assert len(losses(old)) == 2 and (old / "checkpoints").is_dir()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert losses(tmp_path / "run") == pytest.approx(PINNED, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    train.main(cfg, stop_after_samples=64)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "samples": 9')  # a crash mid-write
+    assert train.main(cfg)["finished"]
+    assert f"{tmp_path / 'run' / 'metrics.jsonl'}: dropped a torn last line" in capsys.readouterr().out
+    assert losses(tmp_path / "run") == pytest.approx(PINNED, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     cfg = tiny(tmp_path)
     train.main(cfg, stop_after_samples=128)
@@ -186,7 +250,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     assert len(ckpts) == 2
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
     logs = []
-    state = train.load_latest_checkpoint(tmp_path / "run", logs.append)
+    state = load_latest_checkpoint(tmp_path / "run", logs.append)
     assert state["samples_seen"] == int(ckpts[0].stem.split("-")[1])
     assert any("unusable" in m and "falling back" in m for m in logs)
 
@@ -304,33 +368,26 @@ def test_singh_preset_is_apgd2_convstem():
     assert cfg.optim.ema_decay and cfg.augment.mixup and cfg.augment.randaugment
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str, result_dir: str):
-    import os
-
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _ddp_worker(rank: int, out_dir: str):
     import pathlib
 
-    torch.set_num_threads(1)
-    cfg = tiny(pathlib.Path(out_dir))
-    out = train.main(cfg)
-    torch.save(out["final_weights"], f"{result_dir}/rank{rank}.pt")
+    out = train.main(tiny(pathlib.Path(out_dir)))
+    torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_in_lockstep(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, str(tmp_path))
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # one all-reduced update per step on both ranks
     assert (tmp_path / "run" / "results.md").exists()  # rank 0 wrote the run directory
+    state = load_latest_checkpoint(tmp_path / "run", print)
+    assert state["world_size"] == 2 and [sorted(r) for r in state["ranks"]] == [["loader", "rng"]] * 2
+    from advtrain.training import ResumeError
+
+    with pytest.raises(ResumeError, match=r"written by 2 process\(es\).*this run has 1"):
+        train.main(tiny(tmp_path))  # one process cannot take over two ranks' data positions
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from recipes import cluster
 from recipes.advxl import launch as advxl_launch
 from recipes.advxl import train
 from recipes.fast_advprop import launch as fast_launch
-from recipes.fast_advprop.train import drop_metrics_after
 from tests.recipes.test_advxl import tiny
 
 
@@ -24,6 +23,21 @@ def test_options_become_executor_parameters():
     assert p == dict(name="advxl", timeout_min=2880, nodes=2, tasks_per_node=8, gpus_per_node=8, cpus_per_task=12,
                      mem_gb=400, slurm_partition="gpu", slurm_account="proj",
                      slurm_additional_parameters={"qos": "high", "mem_per_gpu": "80G"})
+
+
+def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path):
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=6))
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--gpus-per-node", "8"])
+    assert cluster.executor_parameters(args, name="advxl", cfg=cfg)["cpus_per_task"] == 7
+    _, args = advxl_launch.parse(["--cluster", "slurm", "--cpus-per-task", "3"])
+    assert cluster.executor_parameters(args, name="advxl", cfg=cfg)["cpus_per_task"] == 3  # given: kept
+
+
+def test_a_requeued_fresh_job_resumes_instead_of_starting_over_again(tmp_path):
+    cfg = tiny(tmp_path)
+    job = cluster.RecipeJob("advxl", dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, fresh=True)))
+    assert job.checkpoint().function.cfg == cfg  # fresh=False: the requeued job picks up its checkpoints
 
 
 def test_cpu_job_asks_for_no_gpus():
@@ -105,15 +119,6 @@ def test_local_executor_reports_a_failing_job(tmp_path):
     _, args = advxl_launch.parse(["--cluster", "local"])
     with pytest.raises(cluster.JobFailed, match="FloatingPointError"):
         cluster.launch("advxl", cfg, args, check=advxl_launch.check)
-
-
-def test_resumed_run_drops_metric_lines_logged_after_its_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    rows = [{"kind": "train", "samples": s} for s in (64, 128, 192)] + [{"kind": "eval", "samples": 192}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert drop_metrics_after(path, 128) == 2
-    assert [json.loads(line)["samples"] for line in path.read_text().splitlines()] == [64, 128]
-    assert drop_metrics_after(path, 128) == 0 and drop_metrics_after(tmp_path / "absent.jsonl", 0) == 0
 
 
 def test_a_refused_submission_exits_with_the_reason(tmp_path, monkeypatch):

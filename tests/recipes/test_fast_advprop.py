@@ -13,10 +13,12 @@ from torch import nn
 
 from advtrain import cross_entropy
 from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
+from advtrain.training import load_latest_checkpoint
 from recipes.fast_advprop import train
 from recipes.fast_advprop.config import (Adv, Augment, Data, Eval, Optim, TrainConfig, cost_per_epoch, from_dict,
-                                         load_config, lr_at, override, preset, run_epochs, split_counts)
+                                         lr_at, override, preset, run_epochs, split_counts)
 from recipes.fast_advprop.launch import baselines, parse
+from tests.gloo import spawn_gloo
 
 
 def tiny(tmp_path, method="fast_advprop", **run) -> TrainConfig:
@@ -54,14 +56,6 @@ def losses(run_dir) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ config and budget
-
-
-def test_config_round_trips_through_json(tmp_path):
-    for name in ("embedded", "imagenette224", "cifar10", "imagenet_resnet50"):
-        cfg = preset(name)
-        path = tmp_path / f"{name}.json"
-        path.write_text(cfg.to_json())
-        assert load_config(path) == cfg
 
 
 def test_paper_setting_in_the_imagenet_preset():
@@ -307,6 +301,18 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     for k, v in ref.items():
         assert torch.equal(resumed["final_weights"][k], v), k
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+    again = train.main(cfg)  # a finished run, re-run: it reports the training time it measured, not 0
+    assert again["train_seconds"] == resumed["train_seconds"] > 0 and again["evals"] == resumed["evals"]
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_log_every_still_logs_its_first_and_last_step(tmp_path):
+    cfg = tiny(tmp_path, method="vanilla")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, log_every=50))
+    out = train.main(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, out["steps"]]
+    assert all({"data_wait_s", "img_per_s"} <= set(r) for r in rows if r["kind"] == "train")
 
 
 @pytest.mark.slow
@@ -317,7 +323,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert [int(p.stem.split("-")[1]) for p in ckpts] == [40, 80]
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
     logs = []
-    state = train.load_latest_checkpoint(tmp_path / "run", logs.append)
+    state = load_latest_checkpoint(tmp_path / "run", logs.append)
     assert state["samples_seen"] == 40 and state["step"] == 2
     assert any("unusable" in m and "falling back" in m for m in logs)
 
@@ -363,13 +369,9 @@ def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_librar
     assert got["corruption_n"] == 6 and expected["brightness"][1] > 0 and expected["impulse_noise"][1] > 0
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
-    import os
+def _ddp_worker(rank: int, out_dir: str):
     import pathlib
 
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     cfg = tiny(pathlib.Path(out_dir))
     # 40 a step, 20 per rank: 16 clean + 4 attacked in 2 BN groups on each rank
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=()),
@@ -390,14 +392,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
 @pytest.mark.slow
 def test_two_process_gloo_run_shuffles_across_ranks_and_keeps_ranks_in_lockstep(tmp_path):
     """The recipe's cross-rank shuffle-BN path end to end: 2 gloo processes, one all-reduced update per step."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, str(tmp_path))
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     params = [k for k in w0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     # parameters move in lockstep; BatchNorm running statistics are per-rank (each rank's own batches)
