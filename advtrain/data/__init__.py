@@ -6,6 +6,7 @@ Decode at the size a stage needs (:func:`decode_image`), the standard ImageNet t
 """
 
 from advtrain.data._bad import BadSample, BadSampleBudget, BadSampleError
+from advtrain.data._checks import check_sources
 from advtrain.data._decode import decode_image, fast_decoder_available, image_size
 from advtrain.data._loader import (
     Batch,
@@ -36,6 +37,7 @@ __all__ = [
     "ShardedSampler",
     "TensorSource",
     "TimedIterator",
+    "check_sources",
     "collate",
     "gather_loader_states",
     "load_loader_state",
