@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -107,7 +108,8 @@ def _image(transform, data, generator, *, url: str, key: str) -> Tensor:
         return _apply(transform, data, generator)
     except Exception as err:  # noqa: BLE001 - corrupt files raise OSError, ValueError, SyntaxError, IndexError...
         # a bug in a transform lands here too: the budget then stops the run, and the log names the error type
-        raise _Skip(BadSample("decode", url, key, f"{type(err).__name__}: {err}")) from None
+        detail = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # no addresses: records compare
+        raise _Skip(BadSample("decode", url, key, f"{type(err).__name__}: {detail}")) from None
 
 
 # ------------------------------------------------------------------------------------------------ map-style

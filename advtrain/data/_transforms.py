@@ -14,6 +14,7 @@ dimensions before decoding, so the JPEG is decoded at the smallest DCT scale tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -118,7 +119,7 @@ def train_transform(
     randaugment: str | None = None,
     interpolation: Interpolation = "bicubic",
     decoder: Decoder = "auto",
-) -> Callable[[ImageInput, torch.Generator], Tensor]:
+) -> TrainTransform:
     """The ImageNet training transform: RandomResizedCrop of the original image, flip, RandAugment; uint8 out.
 
     The returned callable takes the encoded bytes (or a PIL image, or a uint8 ``(C, H, W)`` tensor) and the
@@ -160,20 +161,33 @@ def train_transform(
         raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi; got {ratio}")
     if not 0 <= hflip <= 1:
         raise ValueError(f"hflip must be a probability in [0, 1]; got {hflip}")
-    resample = pil_resample(interpolation)
     ra = rand_augment(randaugment, size=size, interpolation=interpolation) if randaugment else None
+    return TrainTransform(size=size, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+                          resample=pil_resample(interpolation), rand_augment=ra, decoder=decoder)
 
-    def transform(image: ImageInput, generator: torch.Generator) -> Tensor:
-        img, box = crop_source(image, size=size, scale=scale, ratio=ratio, generator=generator, decoder=decoder)
-        out = img.resize((size, size), resample, box=box)
-        if bool(torch.rand(1, generator=generator) < hflip):
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """The callable :func:`train_transform` returns (a class, not a closure: worker processes pickle it)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    resample: Image.Resampling
+    rand_augment: Callable | None
+    decoder: Decoder
+
+    def __call__(self, image: ImageInput, generator: torch.Generator) -> Tensor:
+        img, box = crop_source(image, size=self.size, scale=self.scale, ratio=self.ratio, generator=generator,
+                               decoder=self.decoder)
+        out = img.resize((self.size, self.size), self.resample, box=box)
+        if bool(torch.rand(1, generator=generator) < self.hflip):
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if ra is not None:
+        if self.rand_augment is not None:
             with _host_rng(int(torch.randint(0, 2**62, (1,), generator=generator))):
-                out = ra(out)
+                out = self.rand_augment(out)
         return pil_to_uint8(out)
-
-    return transform
 
 
 def crop_source(
@@ -225,7 +239,7 @@ def val_transform(
     crop_pct: float = 0.875,
     interpolation: Interpolation = "bicubic",
     decoder: Decoder = "auto",
-) -> Callable[[ImageInput], Tensor]:
+) -> ValTransform:
     """The ImageNet evaluation transform: shorter side to ``floor(size / crop_pct)``, center ``size`` crop; uint8.
 
     Matches timm's eval transform (``Resize(floor(size / crop_pct))`` + ``CenterCrop(size)``) pixel for pixel on
@@ -253,23 +267,32 @@ def val_transform(
     _check_size(size)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1]; got {crop_pct}")
-    resample = pil_resample(interpolation)
-    shorter = math.floor(size / crop_pct + 1e-9)
+    return ValTransform(size=size, shorter=math.floor(size / crop_pct + 1e-9), resample=pil_resample(interpolation),
+                        decoder=decoder)
 
-    def transform(image: ImageInput) -> Tensor:
+
+@dataclasses.dataclass(frozen=True)
+class ValTransform:
+    """The callable :func:`val_transform` returns; ``generator`` is accepted (and ignored) so that sources can
+    call every transform as ``transform(image, generator)``."""
+
+    size: int
+    shorter: int
+    resample: Image.Resampling
+    decoder: Decoder
+
+    def __call__(self, image: ImageInput, generator: torch.Generator | None = None) -> Tensor:
         if isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
-            target = resize_dims(*image_size(data), shorter)
-            img = decode_image(data, min_size=target, decoder=decoder)
+            target = resize_dims(*image_size(data), self.shorter)
+            img = decode_image(data, min_size=target, decoder=self.decoder)
         else:
             img = to_pil(image)
-            target = resize_dims(*img.size, shorter)
+            target = resize_dims(*img.size, self.shorter)
         if img.size != target:
-            img = img.resize(target, resample)
-        left, top = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
-        return pil_to_uint8(img.crop((left, top, left + size, top + size)))
-
-    return transform
+            img = img.resize(target, self.resample)
+        left, top = int(round((target[0] - self.size) / 2.0)), int(round((target[1] - self.size) / 2.0))
+        return pil_to_uint8(img.crop((left, top, left + self.size, top + self.size)))
 
 
 def _check_size(size: int) -> None:

@@ -186,3 +186,14 @@ def test_val_geometry_by_hand_and_aspect_kept():
 def test_image_size_reads_the_header_only(big_jpegs):
     assert image_size(big_jpegs[0]) == (500, 375)
     assert image_size(big_jpegs[0][:2000]) == (500, 375)  # the header alone is enough
+
+
+def test_transforms_pickle_for_spawned_workers(big_jpegs):
+    import pickle
+
+    t = train_transform(size=24, randaugment="rand-m9-mstd0.5-inc1")
+    v = val_transform(size=24)
+    t2, v2 = pickle.loads(pickle.dumps(t)), pickle.loads(pickle.dumps(v))
+    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    assert torch.equal(t(big_jpegs[0], g()), t2(big_jpegs[0], g()))
+    assert torch.equal(v(big_jpegs[0]), v2(big_jpegs[0], g()))

@@ -334,7 +334,7 @@ def test_folder_source_replaces_an_unreadable_file_by_the_next_one(tmp_path, rea
     drawn = ShardedSampler(13, seed=0, rank=0, world=1, batch=4).indices(0)
     assert [r.key for r in records] == (["class1/img00_corrupt.jpg"] if corrupt[0] in drawn else [])
     # evaluation order is fixed, so the corrupt file is met and replaced by the next index, recorded
-    ev = all_batches(make_loader(ImageFolderSource(tmp_path, transform=lambda x, g=None: val_transform(size=32)(x)),
+    ev = all_batches(make_loader(ImageFolderSource(tmp_path, transform=val_transform(size=32)),
                                  batch_size=5, seed=0, train=False))
     ev_records = [r for b in ev for r in b.bad]
     assert [(r.kind, r.key) for r in ev_records] == [("decode", "class1/img00_corrupt.jpg")]
