@@ -197,3 +197,19 @@ def test_transforms_pickle_for_spawned_workers(big_jpegs):
     g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
     assert torch.equal(t(big_jpegs[0], g()), t2(big_jpegs[0], g()))
     assert torch.equal(v(big_jpegs[0]), v2(big_jpegs[0], g()))
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**31), w=st.integers(1, 900), h=st.integers(1, 900),
+       lo=st.floats(0.01, 1.0), ratio_lo=st.floats(0.2, 1.0), ratio_hi=st.floats(1.0, 5.0))
+def test_crop_box_draws_match_torchvision_get_params(seed, w, h, lo, ratio_lo, ratio_hi):
+    """The generator-based sampler against torchvision's (global RNG seeded the same): the same boxes."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from advtrain.data import sample_crop_box
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, bh, bw = RandomResizedCrop.get_params(torch.empty(1, h, w), [lo, 1.0], [ratio_lo, ratio_hi])
+    got = sample_crop_box(w, h, scale=(lo, 1.0), ratio=(ratio_lo, ratio_hi), generator=torch.Generator().manual_seed(seed))
+    assert got == (left, top, bw, bh)
