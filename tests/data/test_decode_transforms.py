@@ -132,9 +132,12 @@ def test_train_transform_randaugment_and_inputs():
     assert a.shape == (3, 48, 48) and torch.equal(a, t(img, torch.Generator().manual_seed(1)))
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     assert torch.equal(t(x, torch.Generator().manual_seed(1)), a)  # a uint8 tensor goes the same way
-    before = (torch.initial_seed(), torch.get_rng_state().clone())
+    import random
+
+    before = (torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy())
     t(img, torch.Generator().manual_seed(2))
-    assert torch.equal(torch.get_rng_state(), before[1])  # the global RNG is left alone
+    assert torch.equal(torch.get_rng_state(), before[0])  # the global RNGs are left as they were
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
     for bad in [dict(size=0), dict(size=8, scale=(0.5, 0.1)), dict(size=8, ratio=(0, 1)), dict(size=8, hflip=2)]:
         with pytest.raises(ValueError):
             train_transform(**bad)

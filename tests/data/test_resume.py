@@ -99,6 +99,12 @@ def test_a_stopped_and_resumed_run_sees_exactly_the_uninterrupted_samples(tmp_pa
         assert any(b.bad for b in full)  # the broken sample was met, and counted once in both runs
 
 
+@pytest.mark.parametrize("kind", ["tensors", "folder"])
+def test_map_style_augmentation_does_not_depend_on_the_worker_count(tmp_path, real_samples, kind):
+    src = _source(kind, tmp_path, real_samples)
+    same(take(make_loader(src, batch_size=4, seed=3), 4), take(make_loader(src, batch_size=4, seed=3, num_workers=2), 4))
+
+
 def test_resume_refuses_another_layout(tmp_path, real_samples):
     src = _source("tensors", tmp_path, real_samples)
     loader = make_loader(src, batch_size=4, seed=0)
