@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -103,6 +104,13 @@ def _check_shards(split, src: ShardSource, *, readers, world, num_workers) -> tu
         unlisted = [u for u in src.urls if u not in src.counts]
         if unlisted:
             warnings.append(f"{split!r}: {len(unlisted)} shards are not in the manifest: {unlisted[:5]}")
+        root = local_path(str(src.spec)) if isinstance(src.spec, (str, Path)) else None
+        root = root.parent if root is not None and root.is_file() else root
+        if root is not None and root.is_dir() and src.split:
+            extra = sorted(str(p) for p in root.glob(f"{src.split}-*.tar*") if str(p) not in src.counts)
+            if extra:
+                warnings.append(f"{split!r}: {len(extra)} shard files in {root} are not in its manifest (not read): "
+                                f"{extra[:5]}")
     first = next((u for u in src.urls if u not in missing and u not in empty), None)
     if first is not None:
         problems += _check_first_sample(split, src, first)

@@ -278,6 +278,7 @@ class ShardSource(IterableDataset):
             raise ValueError(f"epochs must be >= 1 or None; got {epochs}")
         if shards_per_epoch is not None and (shards_per_epoch < 1 or not resampled):
             raise ValueError(f"shards_per_epoch (got {shards_per_epoch}) is >= 1 and only for resampled=True")
+        self.spec, self.split = urls, split
         self.urls = expand_urls(urls, split=split)
         self.counts = counts if counts is not None else (
             manifest_counts(urls, split=split) if split is not None and isinstance(urls, (str, Path)) else None)

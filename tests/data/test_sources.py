@@ -313,6 +313,10 @@ def test_manifest_mismatch_is_reported(tmp_path, real_samples):
     (rec,) = records  # found at the end of the second shard, carried by the next epoch's first sample
     assert rec.kind == "manifest" and rec.url == urls[1] and rec.lost == 1
     assert "7 samples, the manifest says 8" in rec.message
+    # before training: a shard file the manifest does not list is reported
+    write_shard(tmp_path / "train-0002.tar", keyed(real_samples[:2], "x"))
+    (warning,) = check_sources({"train": ShardSource(tmp_path, split="train", transform=T32)}, world=1, num_workers=1)
+    assert "1 shard files" in warning and "train-0002.tar" in warning and "not in its manifest" in warning
 
 
 # ------------------------------------------------------------------------------------------------ map-style sources
