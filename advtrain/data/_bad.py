@@ -71,8 +71,11 @@ class BadSampleBudget:
         """Samples lost to bad records so far."""
         return sum(self.by_kind.values())
 
-    def update(self, records: Iterable[BadSample], *, good: int) -> None:
-        """Adds one batch's records and its count of good samples; raises past the budget.
+    def update(self, records: Iterable[BadSample], *, good: int, check: bool = True) -> None:
+        """Adds one batch's records and its count of good samples; raises past the budget when ``check``.
+
+        Under DDP pass ``check=False`` and call :meth:`check` with ``across_ranks=True`` at the logging interval,
+        so that every rank stops together instead of one rank dying while the others wait in a collective.
 
         Raises:
             BadSampleError: the lost fraction exceeds ``max_fraction`` after ``min_samples`` reads.
@@ -88,11 +91,31 @@ class BadSampleBudget:
                 extra = "" if self.records <= self.log_first else f" ({self.records} records so far; logging 1 in 10x)"
                 log.warning("skipped bad data (%s) in %s: %s%s", r.kind, where, r.message, extra)
         self.good += int(good)
-        total = self.good + self.lost
-        if total >= self.min_samples and self.lost > self.max_fraction * total:
+        if check:
+            self.check()
+
+    def check(self, *, across_ranks: bool = False) -> None:
+        """Raises :class:`BadSampleError` if the counts (summed over all ranks when ``across_ranks``, a collective
+        call) exceed the budget; every rank raises the same error."""
+        view = self
+        if across_ranks:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                states: list = [None] * dist.get_world_size()
+                dist.all_gather_object(states, self.state_dict())
+                view = BadSampleBudget(max_fraction=self.max_fraction, min_samples=self.min_samples,
+                                       log_first=0, worst=self.worst)
+                for st in states:
+                    view.good += st["good"]
+                    view.records += st["records"]
+                    view.by_kind.update(st["by_kind"])
+                    view.by_url.update(st["by_url"])
+        total = view.good + view.lost
+        if total >= view.min_samples and view.lost > view.max_fraction * total:
             raise BadSampleError(
-                f"{self.lost} of {total} samples read were bad ({100 * self.lost / total:.3f}% > budget "
-                f"{100 * self.max_fraction:.3f}%): {dict(self.by_kind)}; worst shards: {self.worst_shards()}"
+                f"{view.lost} of {total} samples read were bad ({100 * view.lost / total:.3f}% > budget "
+                f"{100 * view.max_fraction:.3f}%): {dict(view.by_kind)}; worst shards: {view.worst_shards()}"
             )
 
     def worst_shards(self) -> list[tuple[str, int]]:

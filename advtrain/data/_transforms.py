@@ -157,7 +157,8 @@ def train_transform(
         hflip: probability of a horizontal flip, in [0, 1].
         randaugment: a timm RandAugment string (``"rand-m9-mstd0.5-inc1"``) or None (off).
         interpolation: the resampling filter of the crop resize (and of RandAugment's geometric ops).
-        decoder: see :func:`advtrain.data.decode_image`.
+        decoder: see :func:`advtrain.data.decode_image`. ``"auto"`` uses simplejpeg where it is installed; the
+            two decoders' pixels differ slightly, so an exact resume needs the same install.
 
     Returns:
         ``transform(image, generator) -> Tensor`` of shape ``(3, size, size)``, dtype uint8.

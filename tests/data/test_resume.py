@@ -171,6 +171,19 @@ def _rank_main(rank: int, world: int, port: int, urls: list[str], out: str, work
             "images_equal": all(torch.equal(a.images, b.images) for a, b in zip(full, first + rest)),
             "states_differ": states[0] != states[1],
         }
+        # the bad-sample budget summed over ranks: both ranks raise the same error together
+        from advtrain.data import BadSample, BadSampleBudget, BadSampleError
+
+        budget = BadSampleBudget(max_fraction=0.1, min_samples=10)
+        bad = [BadSample("decode", f"shard-of-rank-{rank}", "k", "x")] * (3 if rank == 0 else 0)
+        budget.update(bad, good=10, check=False)
+        if rank == 1:
+            budget.check()  # rank 1 alone read no bad sample: within budget
+        try:
+            budget.check(across_ranks=True)  # 3 of 23: 13% > 10%
+            result["budget_error"] = None
+        except BadSampleError as err:
+            result["budget_error"] = str(err)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -191,3 +204,5 @@ def test_two_gloo_ranks_with_unequal_shards_resume_each_its_own_stream(tmp_path,
     assert results[0]["states_differ"]
     assert not set(results[0]["full"][:9]) & set(results[1]["full"][:9])  # different shards per rank
     assert results[1]["with_rank0_state"] != results[1]["full"]  # restoring rank 0's state on rank 1 is wrong
+    assert results[0]["budget_error"] == results[1]["budget_error"]
+    assert "3 of 23 samples" in results[1]["budget_error"] and "shard-of-rank-0" in results[1]["budget_error"]
