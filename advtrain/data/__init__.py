@@ -1,8 +1,17 @@
-"""Data: input pipelines shared by the recipes and users (class folders, WebDataset shards, in-memory tensors).
+"""Data: one input pipeline for the recipes and users' own code: sources, the ImageNet transforms, a resumable loader.
 
-Decode at the size a stage needs (:func:`decode_image`), the standard ImageNet transforms (:func:`train_transform`,
-:func:`val_transform`), WebDataset shards through the ``webdataset`` package (:func:`expand_urls`,
-:func:`iter_shard_samples`), and small in-memory sets (:func:`load_image_set`).
+- Sources: :class:`ShardSource` (WebDataset shards read with webdataset's ``gopen``: local paths, brace patterns,
+  ``pipe:`` commands, http(s); dealt to ranks x workers or resampled; in-shard shuffle buffer; img2dataset
+  image-text shards), :class:`ImageFolderSource` (ImageNet-style class folders), :class:`TensorSource` (in-memory
+  uint8 images, e.g. :func:`load_image_set` output).
+- Transforms: :func:`train_transform` (RandomResizedCrop of the original image, flip, timm RandAugment) and
+  :func:`val_transform` (shorter side to ``size / crop_pct``, center crop), decoding JPEGs at the size they need
+  (:func:`decode_image`: Pillow's draft, or simplejpeg with the ``fast`` extra).
+- Loader: :func:`make_loader` (torchdata's StatefulDataLoader; :class:`ShardedSampler` for map-style sources),
+  yielding :class:`Batch` es; exact mid-epoch resume with :func:`gather_loader_states` / :func:`load_loader_state`
+  (one state per rank).
+- Bad data: skipped, carried with the batch as :class:`BadSample` records, counted by :class:`BadSampleBudget`.
+- Before training: :func:`check_sources`. In the loop: :class:`TimedIterator` (data-wait time).
 """
 
 from advtrain.data._bad import BadSample, BadSampleBudget, BadSampleError

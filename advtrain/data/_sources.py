@@ -325,6 +325,7 @@ class ShardSource(IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._reader = self.rank * nw + wid
         pending: list[BadSample] = []
         while self.epochs is None or self.state["epoch"] < self.epochs:
             epoch = self.state["epoch"]
@@ -352,7 +353,8 @@ class ShardSource(IterableDataset):
 
     def _read(self, url: str, epoch: int, pos: int, pending: list[BadSample]) -> Iterator[Sample]:
         """One shard's usable samples from the state's sample position on; appends skip records to ``pending``."""
-        salt = (self.rank, pos) if self.resampled else ()  # a resampled shard may recur within an epoch
+        # a resampled shard may recur within an epoch, and in another reader: salt its seeds with both
+        salt = (self._reader, pos) if self.resampled else ()
         g = sample_generator(self.seed, "buffer", epoch, url, *salt)
         taken, last = self.state["sample"], None
         n = 0
