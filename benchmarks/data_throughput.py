@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from advtrain.data import (  # noqa: E402
+from advtrain.data import (
     ShardSource,
     decode_image,
     fast_decoder_available,
@@ -175,14 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
     real = [s["jpg"] for s, _ in zip(iter_shard_samples(url), range(args.images))]
     sets = {"imagenette224 (224x224, q75)": real, "synthetic 500x375 q90": synthetic(real, args.images)}
     decoders = ["pillow"] + (["simplejpeg"] if fast_decoder_available() else [])
-    kw = dict(seconds=args.seconds, rounds=args.rounds)
+    kw = {"seconds": args.seconds, "rounds": args.rounds}
     rows = []
     for set_name, images in sets.items():
         dec = {d: rate(lambda b, g, d=d: decode_image(b, decoder=d), images, **kw) for d in decoders}
         for size in args.sizes:
-            paths = {"old (full decode, squash to 224, augment at 224)": lambda ra: old_transform(size, randaugment=ra)}
+            paths = {"old (full decode, squash to 224, augment at 224)": lambda ra, size=size: old_transform(size, randaugment=ra)}
             for d in decoders:
-                paths[f"new ({d})"] = lambda ra, d=d: train_transform(
+                paths[f"new ({d})"] = lambda ra, d=d, size=size: train_transform(
                     size=size, scale=SCALE, randaugment=RANDAUG if ra else None, decoder=d)
             for name, make in paths.items():
                 row = {"images": set_name, "size": size, "path": name,
@@ -260,9 +260,9 @@ def format_table(result: dict) -> str:
                                          f"machine: other jobs only slow a row down)" if m.get("runs_best_of") else "")
         + f"; `{m['command']}`).",
         "",
-        "Cores per GPU = 7,000 img/s (AdvXL stage 1 on one H100, ../shared/notes/gpu-measurements.md, measured before "
-        "the library existed) / full-augmentation img/s per core. PSNR: new output vs the same crop from the full "
-        "decode (RandAugment off).",
+        ("Cores per GPU = 7,000 img/s (AdvXL stage 1 on one H100, ../shared/notes/gpu-measurements.md, measured "
+         "before the library existed) / full-augmentation img/s per core. PSNR: new output vs the same crop from the "
+         "full decode (RandAugment off)."),
         "",
         "| images | px | path | decode only img/s | crop+flip img/s | + RandAugment img/s | cores per GPU | PSNR dB |",
         "|---|---|---|---|---|---|---|---|",

@@ -29,9 +29,26 @@ from advtrain.data._loader import (
     make_loader,
 )
 from advtrain.data._shards import ImageSet, load_image_set, shard_paths
-from advtrain.data._sources import ImageFolderSource, Sample, ShardSource, TensorSource, shuffled, stable_seed
-from advtrain.data._transforms import resize_dims, sample_crop_box, train_transform, val_transform
-from advtrain.data._webdataset import ShardReadError, expand_urls, iter_shard_samples, manifest_counts
+from advtrain.data._sources import (
+    ImageFolderSource,
+    Sample,
+    ShardSource,
+    TensorSource,
+    shuffled,
+    stable_seed,
+)
+from advtrain.data._transforms import (
+    resize_dims,
+    sample_crop_box,
+    train_transform,
+    val_transform,
+)
+from advtrain.data._webdataset import (
+    ShardReadError,
+    expand_urls,
+    iter_shard_samples,
+    manifest_counts,
+)
 
 __all__ = [
     "BadSample",
@@ -42,29 +59,29 @@ __all__ = [
     "ImageSet",
     "Loader",
     "Sample",
+    "ShardReadError",
     "ShardSource",
     "ShardedSampler",
     "TensorSource",
     "TimedIterator",
     "check_sources",
     "collate",
-    "gather_loader_states",
-    "load_loader_state",
-    "loader_state",
-    "make_loader",
-    "shuffled",
-    "stable_seed",
-    "ShardReadError",
     "decode_image",
     "expand_urls",
     "fast_decoder_available",
+    "gather_loader_states",
     "image_size",
     "iter_shard_samples",
     "load_image_set",
+    "load_loader_state",
+    "loader_state",
+    "make_loader",
     "manifest_counts",
     "resize_dims",
     "sample_crop_box",
     "shard_paths",
+    "shuffled",
+    "stable_seed",
     "train_transform",
     "val_transform",
 ]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
 from advtrain.data._bad import log
 from advtrain.data._decode import decode_image
-from advtrain.data._sources import ImageFolderSource, ShardSource, TensorSource, _caption, _label, _MapSource, _Skip
+from advtrain.data._sources import (
+    ImageFolderSource,
+    ShardSource,
+    TensorSource,
+    _caption,
+    _label,
+    _MapSource,
+    _Skip,
+)
 from advtrain.data._webdataset import ShardReadError, iter_shard_samples, local_path
 
 

@@ -31,7 +31,12 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from advtrain.data._bad import BadSample, log
-from advtrain.data._webdataset import ShardReadError, expand_urls, iter_shard_samples, manifest_counts
+from advtrain.data._webdataset import (
+    ShardReadError,
+    expand_urls,
+    iter_shard_samples,
+    manifest_counts,
+)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 

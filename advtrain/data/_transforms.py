@@ -18,6 +18,7 @@ import dataclasses
 import math
 import random
 from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -313,7 +314,7 @@ class ValTransform:
             target = resize_dims(*img.size, self.shorter)
         if img.size != target:
             img = img.resize(target, self.resample)
-        left, top = int(round((target[0] - self.size) / 2.0)), int(round((target[1] - self.size) / 2.0))
+        left, top = round((target[0] - self.size) / 2.0), round((target[1] - self.size) / 2.0)
         return pil_to_uint8(img.crop((left, top, left + self.size, top + self.size)))
 
 

@@ -195,7 +195,7 @@ def _tar_members(stream, url: str) -> Iterator[dict]:
     """
     import tarfile
 
-    tar = tarfile.open(fileobj=stream, mode="r|*")
+    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - the caller closes the stream
     for info in tar:
         if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):  # webdataset's meta files
             continue
@@ -210,6 +210,6 @@ def _close(stream) -> str | None:
     """Closes a gopen stream; the error it raises (a pipe's non-zero exit status) as a string, else None."""
     try:
         stream.close()
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - reported to the caller, which raises with the shard's name
         return f"{type(err).__name__}: {err}"
     return None

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from advtrain.data import decode_image, fast_decoder_available, image_size, resize_dims, train_transform, val_transform
+from advtrain.data import (
+    decode_image,
+    fast_decoder_available,
+    image_size,
+    resize_dims,
+    train_transform,
+    val_transform,
+)
 from advtrain.data._decode import dct_scale
 from advtrain.data._transforms import crop_source
 
@@ -138,7 +145,7 @@ def test_train_transform_randaugment_and_inputs():
     t(img, torch.Generator().manual_seed(2))
     assert torch.equal(torch.get_rng_state(), before[0])  # the global RNGs are left as they were
     assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
-    for bad in [dict(size=0), dict(size=8, scale=(0.5, 0.1)), dict(size=8, ratio=(0, 1)), dict(size=8, hflip=2)]:
+    for bad in [{"size": 0}, {"size": 8, "scale": (0.5, 0.1)}, {"size": 8, "ratio": (0, 1)}, {"size": 8, "hflip": 2}]:
         with pytest.raises(ValueError):
             train_transform(**bad)
 
@@ -197,7 +204,7 @@ def test_transforms_pickle_for_spawned_workers(big_jpegs):
     t = train_transform(size=24, randaugment="rand-m9-mstd0.5-inc1")
     v = val_transform(size=24)
     t2, v2 = pickle.loads(pickle.dumps(t)), pickle.loads(pickle.dumps(v))
-    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(9)
     assert torch.equal(t(big_jpegs[0], g()), t2(big_jpegs[0], g()))
     assert torch.equal(v(big_jpegs[0]), v2(big_jpegs[0], g()))
 

@@ -21,7 +21,7 @@ from advtrain.data import (
     make_loader,
     train_transform,
 )
-from tests.data.shardkit import keyed, write_shard, write_shards
+from tests.data.shardkit import keyed, write_shards
 
 T32 = train_transform(size=32, scale=(0.2, 1.0), randaugment="rand-m9-mstd0.5-inc1")
 
@@ -56,8 +56,8 @@ def same(a: list, b: list) -> None:
 def _source(kind: str, tmp_path: Path, real_samples: list[dict]):
     match kind:
         case "tensors":
-            from PIL import Image
             import numpy as np
+            from PIL import Image
 
             imgs = [np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((40, 30))) for s in real_samples[:26]]
             x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -86,7 +86,7 @@ def test_a_stopped_and_resumed_run_sees_exactly_the_uninterrupted_samples(tmp_pa
     stream's shards (41 samples, one broken) are dealt to the workers, shuffled in a buffer of 5.
     """
     src = _source(kind, tmp_path, real_samples)
-    kw = dict(batch_size=4, seed=11, num_workers=workers)
+    kw = {"batch_size": 4, "seed": 11, "num_workers": workers}
     full = take(make_loader(src, **kw), 14)
     first_loader = make_loader(src, **kw)
     first = take(first_loader, stop)
@@ -147,7 +147,7 @@ def _rank_main(rank: int, world: int, port: int, urls: list[str], out: str, work
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         src = ShardSource(urls, transform=train_transform(size=16), shuffle_buffer=4)
-        kw = dict(batch_size=3, seed=5, rank=rank, world=world, num_workers=workers)
+        kw = {"batch_size": 3, "seed": 5, "rank": rank, "world": world, "num_workers": workers}
         n, stop = 10, 4
         full = take(make_loader(src, **kw), n)
         loader = make_loader(src, **kw)
