@@ -91,3 +91,15 @@ def test_label_leak_smoke_run_trains_both_arms(tmp_path, monkeypatch):
     assert [c["adv"]["shuffle_bn"] for c in configs] == [False, True] and configs[0]["run"]["seed"] == configs[1]["run"]["seed"]
     table = (tmp_path / "out" / "label_leak_embedded.md").read_text()
     assert "| embedded-shuffle_bn=false |" in table and (tmp_path / "out" / "label_leak_embedded.png").exists()
+
+
+def test_data_throughput_measures_old_and_new_paths(tmp_path, shared_datasets):
+    bench = _load("data_throughput")
+    out = bench.main(["--data", str(shared_datasets / "imagenette224"), "--images", "3", "--seconds", "0.01",
+                      "--rounds", "1", "--sizes", "112", "--out", str(tmp_path / "dt")])
+    paths = {r["path"] for r in out["rows"]}
+    assert any(p.startswith("old") for p in paths) and "new (pillow)" in paths
+    assert {r["images"] for r in out["rows"]} == {"imagenette224 (224x224, q75)", "synthetic 500x375 q90"}
+    assert all(r["full_aug_img_s"] > 0 and r["cores_for_7000"] == 7000 / r["full_aug_img_s"] for r in out["rows"])
+    assert out["loader_rows"] and out["meta"]["cpu"] and out["meta"]["pillow"]
+    assert "| images | px | path |" in (tmp_path / "dt.md").read_text()
