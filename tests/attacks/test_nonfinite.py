@@ -295,3 +295,13 @@ def test_legitimate_radii_do_not_warn_and_the_l2_l1_analogue_does():
         with pytest.warns(UserWarning, match=rf"{norm} diameter"):
             pgd(spy, x, y, eps=eps, step_size=0.1, steps=0, norm=norm)
     assert spy.calls == 0
+
+
+def test_a_non_finite_scalar_loss_holds_every_sample_back():
+    # pgd accepts a scalar loss (without return_best): when it is NaN no sample's share can be told apart
+    model = Mlp(12)
+    x, y = torch.rand(3, 12), torch.arange(3)
+    with pytest.warns(NonFiniteWarning, match="3 of 3 samples"):
+        out = pgd(model, x, y, eps=0.1, step_size=0.05, steps=2, random_start=False,
+                  loss_fn=lambda out, t: out.sum() * float("nan"))
+    assert torch.equal(out, x)
