@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advtrain.attacks import _checks
+from advtrain.attacks import _checks, _guard
 from advtrain.attacks._pgd import LossFn, _direction, _finalize, prepare_attack, random_in_ball
 from advtrain.attacks._projections import Norm, project_delta
 
@@ -61,6 +61,13 @@ def apgd(
     With ``steps=2`` (the training attack of Singh et al.) the only check is after the first step: a step that
     did not raise the loss is retried from the start with half the step size.
 
+    Non-finite values: a sample whose loss or input gradient at an iterate holds a NaN or an inf does not step from
+    it. A new iterate with a non-finite loss or gradient is undone (the sample stays at its last finite iterate,
+    with that iterate's gradient and momentum, and the step counts as not raising the loss, so a checkpoint
+    halves it); a start with one gets score ``-inf`` and a zero gradient. A non-finite loss is never the best, so
+    the result is an iterate with a finite loss, or the start. One
+    :class:`~advtrain.attacks.NonFiniteWarning` per call says how many samples were affected, as in :func:`pgd`.
+
     Args:
         model: maps ``(B, C, H, W)`` pixels in ``bounds`` to outputs; see :func:`pgd`.
         x: ``(B, ...)`` floating images inside ``bounds`` (float32, float64, bfloat16 or float16).
@@ -85,11 +92,18 @@ def apgd(
         towards ``x`` as in :func:`pgd`.
 
     Raises:
-        TypeError: non-tensor or integer ``x``, non-int ``steps``, non-numeric hyperparameters.
+        TypeError: non-tensor or integer ``x``, non-int ``steps``, non-numeric hyperparameters; with the default
+            loss, a model output that is not a tensor (a tuple or dict: the message names it); a ``loss_fn``
+            result that is not a tensor.
         ValueError: NaN/inf or out-of-bounds ``x``; ``eps < 0``; ``steps < 0``; ``rho``, ``momentum`` or
             ``l1_sparsity`` outside ``(0, 1]``; an unknown norm; ``y`` whose batch size differs from ``x``'s; an eps
-            tensor of the wrong shape; a ``loss_fn`` that does not return ``(B,)`` losses (raised after a forward).
+            tensor of the wrong shape; a ``loss_fn`` that does not return ``(B,)`` losses (raised after a forward);
+            with the default loss, hard labels outside ``[0, K)`` (as :func:`pgd`).
         RuntimeError: inside ``torch.inference_mode()``, where no gradient can be taken.
+
+    Warns:
+        UserWarning: an eps whose ball holds the whole box (as :func:`pgd`: ``eps=8`` for 8/255).
+        NonFiniteWarning: some samples met a NaN/inf loss or input gradient.
 
     Side effects:
         None: the model's mode, parameters, buffers and ``.grad`` are left as found.
@@ -111,7 +125,7 @@ def apgd(
         Generalization across Threat Models", NeurIPS 2023, arXiv 2303.01870 (2-step APGD for training).
     """
     a = prepare_attack("apgd", model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
-                       l1_sparsity=l1_sparsity)
+                       l1_sparsity=l1_sparsity, stacklevel=2)
     rho = _checks.check_fraction(rho, "rho")
     momentum = _checks.check_fraction(momentum, "momentum")
     lo, hi, steps, eps64, eps_t, work, loss_fn, l1_sparsity = (a.lo, a.hi, a.steps, a.eps64, a.eps, a.work, a.loss_fn,
@@ -119,12 +133,14 @@ def apgd(
     if x.numel() == 0:
         return x.detach().clone()
 
+    skipped = _guard.Skipped(x.shape[0], x.device)
     with _checks.preserve_model_state(model), torch.enable_grad():
         delta = _attack(
             model, x, y, eps_t, steps=steps, norm=norm, loss_fn=loss_fn, sign=-1.0 if targeted else 1.0, rho=rho,
             momentum=momentum, random_start=random_start, bounds=(lo, hi), l1_sparsity=l1_sparsity,
-            generator=generator, work=work,
+            generator=generator, work=work, skipped=skipped,
         )
+    skipped.warn("apgd", stacklevel=2)
     return _finalize(x, delta, eps64, norm, (lo, hi))
 
 
@@ -147,7 +163,7 @@ def _checkpoints(steps: int) -> list[int]:
 
 
 def _attack(model, x, y, eps, *, steps, norm, loss_fn, sign, rho, momentum, random_start, bounds, l1_sparsity,
-            generator, work):
+            generator, work, skipped):
     lo, hi = bounds
     xw = x.detach().flatten(1).to(work)
     lo_d, hi_d = lo - xw, hi - xw  # the box, in perturbation space
@@ -160,18 +176,26 @@ def _attack(model, x, y, eps, *, steps, norm, loss_fn, sign, rho, momentum, rand
     if steps == 0:
         return delta
 
-    def evaluate(d: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-sample scores at ``d`` and, if asked, their gradient."""
+    def evaluate(d: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Per-sample scores at ``d``, if asked their gradient, and where either is NaN/inf."""
         d = d.detach().requires_grad_(with_grad)
         with torch.set_grad_enabled(with_grad):
             loss = loss_fn(model((xw + d).view(x.shape).to(x.dtype)), y)
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss_fn must return a tensor of losses; got {type(loss).__name__}")
             if loss.ndim != 1 or loss.shape[0] != b:
                 raise ValueError(f"apgd needs loss_fn to return ({b},) per-sample losses; got {tuple(loss.shape)}")
             score = sign * loss.to(torch.promote_types(loss.dtype, torch.float32))  # float64 losses stay float64
             grad = torch.autograd.grad(score.sum(), d)[0].to(work) if with_grad else None
-        return score.detach(), grad
+        bad = _guard.bad_rows(score.detach(), grad)
+        skipped.add(bad)
+        return score.detach(), grad, bad
 
-    score, grad = evaluate(delta, True)
+    # A sample whose loss or gradient is NaN/inf at an iterate never steps from it: the first iterate gets score
+    # -inf (never the best) and a zero gradient (no step), later ones are undone (delta, momentum, gradient and
+    # score go back), so the sample retries until a checkpoint halves its step or restarts it from its best point.
+    score, grad, bad = evaluate(delta, True)
+    score, grad = _guard.finite_score(score, bad), torch.where(bad.unsqueeze(1), 0.0, grad)
     best, best_score, best_grad = delta, score, grad
     prev = delta
     l1 = norm == "l1"
@@ -200,8 +224,11 @@ def _attack(model, x, y, eps, *, steps, norm, loss_fn, sign, rho, momentum, rand
                               eps, norm)
             a = 1.0 if k == 0 else momentum
             new = project_delta(delta + a * (z - delta) + (1 - a) * (delta - prev), lo_d, hi_d, eps, norm)
-        prev, delta = delta, new
-        new_score, grad = evaluate(delta, k + 1 < steps)
+        new_score, new_grad, bad = evaluate(new, k + 1 < steps)
+        keep = bad.unsqueeze(1)
+        prev, delta = torch.where(keep, prev, delta), torch.where(keep, delta, new)
+        new_score = torch.where(bad, score, new_score)
+        grad = None if new_grad is None else torch.where(keep, grad, new_grad)
         up = new_score > score
         score = new_score
         better = score > best_score

@@ -9,15 +9,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from advtrain.attacks import _checks
+from advtrain.attacks import _checks, _guard
 from advtrain.attacks._projections import Norm, norm_of, project_delta
-from advtrain.losses import cross_entropy
 
 LossFn = Callable[[Tensor, Any], Tensor]
-
-
-def _default_loss(output: Tensor, y: Tensor) -> Tensor:
-    return cross_entropy(output, y, reduction="none")
 
 
 def pgd(
@@ -56,6 +51,14 @@ def pgd(
     parameters' ``.grad`` are never written, and the call works under ``torch.no_grad()``. Under bf16/fp16
     autocast the perturbation, the step and the projection stay in float32.
 
+    Non-finite values: a sample whose loss or input gradient at its iterate holds a NaN or an inf (a diverged
+    model, a row that overflows in fp16/bf16) does not step there: it keeps that iterate, which is inside the ball
+    and the box, and with ``return_best`` a non-finite loss is never the best. The guard is a per-sample
+    ``torch.where`` on device; one :class:`~advtrain.attacks.NonFiniteWarning` at the end of the call (its one
+    host sync beyond the input check) says how many samples it held back. The other samples are untouched by it
+    (unless the model mixes samples, as train-mode BatchNorm does). To stop instead, make that warning an error:
+    ``warnings.simplefilter("error", NonFiniteWarning)``.
+
     Args:
         model: maps ``(B, C, H, W)`` pixels in ``bounds`` to outputs (logits, or features for a custom loss);
             normalization belongs inside it. A ``torch.compile``-d module works.
@@ -82,10 +85,20 @@ def pgd(
         projected perturbation allows, even in bfloat16.
 
     Raises:
-        TypeError: non-tensor or integer ``x``, non-int ``steps``, non-numeric hyperparameters.
+        TypeError: non-tensor or integer ``x``, non-int ``steps``, non-numeric hyperparameters; with the default
+            loss, a model output that is not a tensor (a tuple or dict: the message names it); a ``loss_fn``
+            result that is not a tensor.
         ValueError: NaN/inf or out-of-bounds ``x``; ``eps < 0``; ``step_size <= 0``; ``steps < 0``; an unknown
-            norm; ``y`` whose batch size differs from ``x``'s; an eps tensor of the wrong shape.
+            norm; ``y`` whose batch size differs from ``x``'s; an eps tensor of the wrong shape; with the default
+            loss, hard labels outside ``[0, K)``: a negative one (cross-entropy's ignore_index -100) before the
+            model runs, one ``>= K`` once the first output shows ``K``. Soft targets and custom losses are not
+            checked.
         RuntimeError: inside ``torch.inference_mode()``, where no gradient can be taken.
+
+    Warns:
+        UserWarning: an eps whose ball holds the whole box, ``eps >= (hi - lo) * n^(1/p)`` for ``n`` pixel values
+            (l_inf: ``eps >= 1`` on [0, 1], e.g. ``eps=8`` for 8/255); the message suggests the ``/ 255``.
+        NonFiniteWarning: some samples met a NaN/inf loss or input gradient (see above).
 
     Side effects:
         None: the model's mode, parameters, buffers and ``.grad`` are left as found.
@@ -103,19 +116,31 @@ def pgd(
         Tramer & Boneh, "Adversarial Training and Robustness for Multiple Perturbations", arXiv 1904.13000 (SLIDE).
         Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks", arXiv 2103.01208.
     """
-    a = prepare_attack("pgd", model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
-                       l1_sparsity=l1_sparsity)
+    return _pgd(
+        "pgd", model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss_fn=loss_fn, targeted=targeted,
+        random_start=random_start, bounds=bounds, return_best=return_best, l1_sparsity=l1_sparsity,
+        generator=generator, stacklevel=3,
+    )
+
+
+def _pgd(name, model, x, y, *, eps, step_size, steps, norm, loss_fn, targeted, random_start, bounds, return_best,
+         l1_sparsity, generator, stacklevel):
+    """pgd and fgsm; ``stacklevel`` points warnings at the user's call (as ``warnings.warn`` counts it here)."""
+    a = prepare_attack(name, model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
+                       l1_sparsity=l1_sparsity, stacklevel=stacklevel)
     step_sizes = _checks.check_step_sizes(step_size, a.steps)
     lo, hi, eps64, eps_t, work, loss_fn, l1_sparsity = a.lo, a.hi, a.eps64, a.eps, a.work, a.loss_fn, a.l1_sparsity
     if x.numel() == 0:
         return x.detach().clone()
 
+    skipped = _guard.Skipped(x.shape[0], x.device)
     with _checks.preserve_model_state(model), torch.enable_grad():
         delta = _attack(
             model, x, y, eps_t, step_sizes=step_sizes, norm=norm, loss_fn=loss_fn, targeted=targeted,
             random_start=random_start, bounds=(lo, hi), return_best=return_best, l1_sparsity=l1_sparsity,
-            generator=generator, work=work,
+            generator=generator, work=work, skipped=skipped,
         )
+    skipped.warn(name, stacklevel=stacklevel)
     return _finalize(x, delta, eps64, norm, (lo, hi))
 
 
@@ -132,22 +157,31 @@ class Prepared(NamedTuple):
     l1_sparsity: float
 
 
-def prepare_attack(name: str, model, x, y, *, eps, steps, norm, loss_fn, bounds, l1_sparsity) -> Prepared:
-    """The checks every attack shares, all before any work (nothing is half-done when one fails)."""
+def prepare_attack(name: str, model, x, y, *, eps, steps, norm, loss_fn, bounds, l1_sparsity,
+                   stacklevel: int) -> Prepared:
+    """The checks every attack shares, all before any work (nothing is half-done when one fails).
+
+    One host sync checks ``x`` and reads the extremes of hard labels; an eps tensor costs one more (as before).
+    Labels ``>= K`` can only be refused once the first output shows ``K``: the default loss does that, on the host.
+    """
     _checks.check_model(model)
     lo, hi = _checks.check_bounds(bounds)
-    _checks.check_images(x, (lo, hi))
+    hard = loss_fn is None and isinstance(y, Tensor)
+    extremes = _checks.check_images(x, (lo, hi), extra=_checks.label_extremes(y, x) if hard else ())
     _checks.check_norm(norm)
     steps = _checks.check_steps(steps)
     l1_sparsity = _checks.check_fraction(l1_sparsity, "l1_sparsity")
     _checks.check_targets(y, x.shape[0])
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps64 = _checks.as_eps(eps, x.shape[0], x.device, torch.float64)
+    eps64, eps_max = _checks.eps_and_max(eps, x.shape[0], x.device, torch.float64)
     if loss_fn is None:
         if not isinstance(y, Tensor):
             raise TypeError(f"the default loss needs y as a tensor of labels or soft targets; got {type(y).__name__}")
-        loss_fn = _default_loss
+        if extremes:
+            _checks.check_label_min(name, extremes[0])
+        loss_fn = _guard.default_loss(name, extremes[1] if extremes else None)
     _checks.check_autograd_available(name)
+    _checks.warn_if_ball_holds_box(name, eps_max, norm, math.prod(x.shape[1:]), (lo, hi), stacklevel=stacklevel + 1)
     return Prepared(lo, hi, steps, eps64, eps64.to(work), work, loss_fn, l1_sparsity)
 
 
@@ -172,7 +206,8 @@ def fgsm(
         x_{adv} = \Pi(x + \delta_0 + \alpha\, s(\nabla_x \ell(f(x + \delta_0), y))),
 
     with :math:`\delta_0 = 0` (FGSM, :math:`\alpha = \epsilon`) or uniform in the ball (RS-FGSM of Wong et al.,
-    who use :math:`\alpha = 1.25\epsilon`). Same contract, options and errors as :func:`pgd` with ``steps=1``.
+    who use :math:`\alpha = 1.25\epsilon`). Same contract, options, errors and warnings as :func:`pgd` with
+    ``steps=1``: a sample whose loss or gradient is NaN/inf returns its start point (``x``, or its random start).
 
     Args:
         model: see :func:`pgd`.
@@ -210,9 +245,10 @@ def fgsm(
         if isinstance(eps, Tensor):
             raise TypeError("fgsm needs an explicit step_size when eps is a tensor")
         step_size = eps if eps > 0 else 1.0
-    return pgd(
-        model, x, y, eps=eps, step_size=step_size, steps=1, norm=norm, loss_fn=loss_fn, targeted=targeted,
-        random_start=random_start, bounds=bounds, l1_sparsity=l1_sparsity, generator=generator,
+    return _pgd(
+        "fgsm", model, x, y, eps=eps, step_size=step_size, steps=1, norm=norm, loss_fn=loss_fn, targeted=targeted,
+        random_start=random_start, bounds=bounds, return_best=False, l1_sparsity=l1_sparsity, generator=generator,
+        stacklevel=3,
     )
 
 
@@ -221,7 +257,7 @@ def fgsm(
 
 
 def _attack(model, x, y, eps, *, step_sizes, norm, loss_fn, targeted, random_start, bounds, return_best,
-            l1_sparsity, generator, work):
+            l1_sparsity, generator, work, skipped):
     lo, hi = bounds
     xw = x.detach().flatten(1).to(work)
     lo_d, hi_d = lo - xw, hi - xw  # the box, in perturbation space
@@ -239,6 +275,8 @@ def _attack(model, x, y, eps, *, step_sizes, norm, loss_fn, targeted, random_sta
         return model((xw + d).view(x.shape).to(x.dtype))
 
     def per_sample(loss: Tensor) -> Tensor:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn must return a tensor of losses; got {type(loss).__name__}")
         if return_best and not (loss.ndim == 1 and loss.shape[0] == x.shape[0]):
             raise ValueError(f"return_best needs loss_fn to return (B,) losses; got shape {tuple(loss.shape)}")
         return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()  # float64 keeps its bits
@@ -247,18 +285,23 @@ def _attack(model, x, y, eps, *, step_sizes, norm, loss_fn, targeted, random_sta
         d = delta.detach().requires_grad_(True)
         loss = per_sample(loss_fn(forward(d), y))
         (grad,) = torch.autograd.grad(loss.sum(), d)
+        loss, grad = loss.detach(), grad.to(work)
+        bad = _guard.bad_rows(loss, grad)  # these samples stay where they are: a NaN step would leave the ball
+        skipped.add(bad)
         if return_best:
-            best, best_score = _keep_best(best, best_score, delta, sign * loss.detach())
-        step = _direction(sign * grad.to(work), norm, delta, lo_d, hi_d, k)
+            best, best_score = _keep_best(best, best_score, delta, _guard.finite_score(sign * loss, bad))
+        step = _direction(sign * grad, norm, delta, lo_d, hi_d, k)
         if norm == "l1":
             step = step * _l1_step_length(delta, eps, step_size)
         else:
             step = step * step_size
-        delta = project_delta(delta + step, lo_d, hi_d, eps, norm)
+        delta = torch.where(bad.unsqueeze(1), delta, project_delta(delta + step, lo_d, hi_d, eps, norm))
     if return_best:
         with torch.no_grad():
             loss = per_sample(loss_fn(forward(delta), y))
-        best, _ = _keep_best(best, best_score, delta, sign * loss)
+        bad = _guard.bad_rows(loss, None)
+        skipped.add(bad)
+        best, _ = _keep_best(best, best_score, delta, _guard.finite_score(sign * loss, bad))
         delta = best
     return delta.detach()
 
