@@ -153,7 +153,10 @@ def save_checkpoint(
     if rank == 0:
         torch.save(extra if extra is not None else {}, tmp / EXTRA)
     _barrier(on)
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    names = [sorted(p.name for p in tmp.iterdir() if p.is_file())] if rank == 0 else [None]
+    if on:  # one listing for all (a shared file system may show other nodes' files late)
+        dist.broadcast_object_list(names, src=0)
+    names = names[0]
     mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names[rank::world]}
     shares = [None] * world
     if on:

@@ -255,7 +255,7 @@ def estimate_memory(
         >>> e = estimate_memory("vit_base_patch16_224", img_size=224, batch_per_gpu=64, world=64,
         ...                     parallel="fsdp", activation_checkpointing=False, precision="bf16")
         >>> e.n_params, e.tokens, round(e.total / 2**30, 1)
-        (86567656, 197, 3.6)
+        (86567656, 197, 3.7)
     """
     for name, v in (("img_size", img_size), ("batch_per_gpu", batch_per_gpu), ("world", world)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -202,4 +202,34 @@ def job_resume(rank: int, world: int, out: str) -> None:
            "ema": full_state(ema)}
     res["losses"] = train(model, opt, steps=range(3, 5), rank=rank, world=world)
     res["final"] = full_state(model)
+
+    # timm's EMA on a sharded model: build it before sharding, shard its module the same way
+    res["ema_updated"] = ema_run(rank, world)
+
+    # BatchNorm buffers: per rank until broadcast_buffers_ makes them rank 0's
+    from advtrain.parallel import broadcast_buffers_
+
+    bn = nn.BatchNorm1d(3)
+    bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)))
+    res["bn_before"] = bn.running_mean.clone()
+    broadcast_buffers_(bn)
+    res["bn_after"] = bn.running_mean.clone()
     torch.save(res, out / f"resume-{rank}.pt")
+
+
+def ema_run(rank: int = 0, world: int = 1) -> dict[str, Tensor]:
+    """Two training steps with timm's ModelEmaV3 (decay 0.9); under a process group both are sharded."""
+    from timm.utils import ModelEmaV3
+
+    from advtrain.parallel import shard_model_
+
+    model = make_model()
+    ema = ModelEmaV3(model, decay=0.9)
+    if world > 1:
+        shard_model_(model, precision="fp32")
+        shard_model_(ema.module, precision="fp32")
+    opt = make_optimizer(model)
+    for s in range(2):
+        train(model, opt, steps=range(s, s + 1), rank=rank, world=world)
+        ema.update(model, step=s)
+    return full_state(ema.module) if world > 1 else {k: v.clone() for k, v in ema.module.state_dict().items()}

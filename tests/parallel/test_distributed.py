@@ -159,3 +159,17 @@ def test_memory_model_counts_fsdp_shards_exactly(runs):
     assert e.n_params == total
     assert res[0]["shard_bytes"]["params"] + res[1]["shard_bytes"]["params"] == 4 * total  # a partition
     assert res[0]["shard_bytes"]["optim"] + res[1]["shard_bytes"]["optim"] == 8 * total
+
+
+def test_timm_ema_on_a_sharded_model_matches_one_process(runs):
+    _, _, resume = runs
+    ref = _jobs.ema_run()
+    assert _max_diff(resume[0]["ema_updated"], ref) < 1e-5
+    assert _max_diff(resume[0]["ema_updated"], _jobs.make_model().state_dict()) > 1e-4  # it moved
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s_statistics(runs):
+    _, _, resume = runs
+    assert not torch.equal(resume[0]["bn_before"], resume[1]["bn_before"])
+    assert torch.equal(resume[1]["bn_after"], resume[0]["bn_before"])
+    assert torch.equal(resume[0]["bn_after"], resume[0]["bn_before"])
