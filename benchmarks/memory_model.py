@@ -39,8 +39,7 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from advtrain.parallel import estimate_memory  # noqa: E402
-from advtrain.parallel import checkpoint_blocks_, vit_block_bytes_per_token  # noqa: E402
+from advtrain.parallel import checkpoint_blocks_, estimate_memory, vit_block_bytes_per_token  # noqa: E402
 
 GiB = 1024**3
 MODELS = {  # timm name, extra kwargs (AdvXL's H/14 and g/14 use global average pooling: its eval scripts' --gp avg)

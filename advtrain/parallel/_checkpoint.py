@@ -321,6 +321,8 @@ def latest_checkpoint(
     Directories are tried newest first (names sort by step when the step is zero-padded, as
     ``ckpt-000001024000``); one that fails :func:`verify_checkpoint` (a missing marker, a truncated shard, a
     corrupt ``.metadata``) is reported through ``log`` and skipped, so a run falls back to the previous one.
+    Under a process group this is a collective: rank 0 decides and every rank gets its answer, so all ranks
+    resume from the same directory.
 
     Args:
         root: the folder holding the checkpoint directories.
@@ -334,13 +336,20 @@ def latest_checkpoint(
         >>> latest_checkpoint("/nonexistent") is None
         True
     """
-    root = Path(root)
+    rank, _, on = _dist()
+    found = [_newest_complete(Path(root), pattern, log) if rank == 0 else None]
+    if on:
+        dist.broadcast_object_list(found, src=0)
+    return None if found[0] is None else Path(found[0])
+
+
+def _newest_complete(root: Path, pattern: str, log) -> str | None:
     if not root.is_dir():
         return None
     for cand in sorted((p for p in root.glob(pattern) if p.is_dir()), reverse=True):
         try:
             verify_checkpoint(cand)
-            return cand
+            return str(cand)
         except ValueError as err:
             if log is not None:
                 log(f"skipping checkpoint {cand.name}: {err}")

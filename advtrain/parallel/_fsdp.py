@@ -235,7 +235,8 @@ def shard_model_(
         precision: ``"fp32"`` or ``"bf16"`` (:func:`mixed_precision_policy`).
         activation_checkpointing: checkpoint each block (:func:`checkpoint_blocks_`).
         blocks: the units to shard (default :func:`find_blocks`).
-        mesh: a 1-D ``DeviceMesh`` (default: all ranks of the default process group).
+        mesh: a 1-D ``DeviceMesh`` (default: all ranks of the default process group, on the device type of
+            the parameters).
         reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3; ``False``
             keeps them until the backward, ZeRO-2-like: less communication, more memory).
 
@@ -268,6 +269,12 @@ def shard_model_(
     blocks = find_blocks(model) if blocks is None else list(blocks)
     if activation_checkpointing:
         blocks = checkpoint_blocks_(model, blocks=blocks)
+    if mesh is None:  # the parameters' device type decides (gloo on CPU even where CUDA exists), not the default
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type != "meta":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = {} if mesh is None else {"mesh": mesh}
     for block in blocks:
         fully_shard(block, mp_policy=block_mp, reshard_after_forward=reshard_after_forward, **kw)

@@ -46,6 +46,15 @@ def make_model(seed: int = 0) -> Normalized:
     return Normalized(timm.create_model(pretrained=False, **TIMM))
 
 
+def make_convnext(seed: int = 0) -> Normalized:
+    """A narrow ConvNeXt (LayerNorm, no BatchNorm): sharded per stage."""
+    import timm
+
+    torch.manual_seed(seed)
+    return Normalized(timm.create_model("convnext_atto", pretrained=False, num_classes=10, dims=(8, 16, 16, 16),
+                                        depths=(1, 1, 1, 1)))
+
+
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05, betas=(0.9, 0.95))
 
@@ -183,8 +192,10 @@ def job_train_attack_save(rank: int, world: int, out: str) -> None:
 
     # --- DDP from the same init
     ddp = nn.parallel.DistributedDataParallel(make_model())
-    res["ddp_losses"] = train(ddp, make_optimizer(ddp), steps=range(5), rank=rank, world=world)
+    opt_ddp = make_optimizer(ddp)
+    res["ddp_losses"] = train(ddp, opt_ddp, steps=range(5), rank=rank, world=world)
     res["ddp_final"] = {k.removeprefix("module."): v.detach().clone() for k, v in ddp.state_dict().items()}
+    save_checkpoint(out / "ddp" / "ckpt-000000000005", model=ddp, optimizer=opt_ddp)  # DDP: the same format
     torch.save(res, out / f"result-{rank}.pt")
 
 
@@ -202,6 +213,10 @@ def job_resume(rank: int, world: int, out: str) -> None:
            "ema": full_state(ema)}
     res["losses"] = train(model, opt, steps=range(3, 5), rank=rank, world=world)
     res["final"] = full_state(model)
+
+    # a convnet, sharded per stage
+    convnext = shard_model_(make_convnext(), precision="fp32")
+    res["convnext_losses"] = train(convnext, make_optimizer(convnext), steps=range(2), rank=rank, world=world)
 
     # timm's EMA on a sharded model: build it before sharding, shard its module the same way
     res["ema_updated"] = ema_run(rank, world)

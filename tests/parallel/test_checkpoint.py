@@ -98,7 +98,7 @@ def test_corruption_is_detected_and_the_previous_checkpoint_is_used(tmp_path):
 
 
 def test_load_asks_only_for_what_the_checkpoint_holds(tmp_path):
-    model, opt = _trained()
+    model, _ = _trained()
     p = _save(tmp_path / "ckpt-1", model)  # no optimizer, no ema
     fresh = _jobs.make_model()
     with pytest.raises(ValueError, match=r"has no \['optim'\]"):

@@ -93,7 +93,7 @@ def test_attack_backward_computes_input_gradients_only(runs):
 
 
 def test_dcp_checkpoint_resumes_bit_identically_on_two_processes(runs):
-    out, res, resume = runs
+    _, res, resume = runs
     for r in range(WORLD):
         assert resume[r]["losses"] == res[r]["fsdp_losses"][3:]  # exact float equality
         assert resume[r]["extra"] == {"step": 3}
@@ -173,3 +173,23 @@ def test_broadcast_buffers_gives_every_rank_rank0s_statistics(runs):
     assert not torch.equal(resume[0]["bn_before"], resume[1]["bn_before"])
     assert torch.equal(resume[1]["bn_after"], resume[0]["bn_before"])
     assert torch.equal(resume[0]["bn_after"], resume[0]["bn_before"])
+
+
+def test_a_convnext_sharded_per_stage_trains_like_one_process(runs):
+    _, _, resume = runs
+    model = _jobs.make_convnext()
+    ref = _jobs.train(model, _jobs.make_optimizer(model), steps=range(2))
+    assert resume[0]["convnext_losses"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_a_ddp_checkpoint_in_the_same_format_loads_into_a_plain_model(runs):
+    from advtrain.parallel import latest_checkpoint, load_checkpoint
+
+    out, res, _ = runs
+    path = latest_checkpoint(out / "ddp")
+    assert sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    model = _jobs.make_model(seed=3)
+    opt = _jobs.make_optimizer(model)
+    r = load_checkpoint(path, model=model, optimizer=opt)
+    assert r.saved_world == WORLD and opt.state_dict()["state"][0]["step"] == 5
+    assert _max_diff(model.state_dict(), res[0]["ddp_final"]) == 0.0
