@@ -321,8 +321,18 @@ def _plot(report: RobustReport, norm: str, path: Path) -> None:
 
 def run(args) -> dict:
     """The command without the exit-code handling; returns the report JSON (on every rank)."""
-    from advtrain.eval._evaldata import eval_transform, imagenet_label_map, index_data, iter_image_batches
-    from advtrain.eval._evalmodel import Preprocess, _parse_spec, build_model, with_normalization
+    from advtrain.eval._evaldata import (
+        eval_transform,
+        imagenet_label_map,
+        index_data,
+        iter_image_batches,
+    )
+    from advtrain.eval._evalmodel import (
+        Preprocess,
+        _parse_spec,
+        build_model,
+        with_normalization,
+    )
     from advtrain.eval._subset import split_for_rank, subset_digest
 
     started = time.time()

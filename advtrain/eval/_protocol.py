@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -553,15 +553,3 @@ def _robust(model, spec: AttackSpec, x: Tensor, y: Tensor, ok: Tensor, *, seed: 
     out[ok] = adv_ok
     return out
 
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive chunks of ``size`` items (the last may be shorter).
-
-    Example:
-        >>> [list(c) for c in iter_chunks(range(5), 2)]
-        [[0, 1], [2, 3], [4]]
-    """
-    if size < 1:
-        raise ValueError(f"size must be >= 1; got {size}")
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -85,7 +85,7 @@ def read_checkpoint(path: str | Path) -> Any:
         return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {str(path)!r} does not load with weights_only=True: {first}") from err
 
@@ -165,7 +165,7 @@ def strip_prefixes(state_dict: Mapping[str, Any], model_keys: set[str],
             carriers = [k for k in sd if k.startswith(p)]
             if not carriers:
                 continue
-            cand = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+            cand = {(k.removeprefix(p)): v for k, v in sd.items()}
             if len(cand) != len(sd):  # a collision
                 continue
             s = len(cand.keys() & model_keys)

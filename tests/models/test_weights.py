@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.models import WeightsMismatchError, find_state_dict, load_weights, strip_prefixes
+from advtrain.models import (
+    WeightsMismatchError,
+    find_state_dict,
+    load_weights,
+    strip_prefixes,
+)
 
 
 def _net(seed=0, classes=3):
