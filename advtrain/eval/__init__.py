@@ -15,3 +15,32 @@ from advtrain.eval._robust import AttackFn, EvalReport, eval_mode, evaluate
 __all__ = ["IMAGENET_EPS", "AttackFn", "EvalReport", "autoattack", "eval_mode", "evaluate"]
 __all__ += ["CorruptedImages", "corruption_errors"]
 __all__ += ["ResolutionResult", "format_resolution_table", "plot_resolution", "resize_images", "resolution_sweep"]
+
+# The robustness protocol shared by ``python -m advtrain.eval`` and the recipes
+from advtrain.eval._protocol import (
+    AttackSpec,
+    EvalProtocol,
+    RobustReport,
+    SampleLog,
+    eps_label,
+    max_sensible_eps,
+    read_sample_log,
+    report_from_records,
+    robust_eval,
+    strict_float32,
+    wilson_interval,
+)
+from advtrain.eval._subset import (
+    ROBUSTBENCH_IMAGENET_SHA256,
+    imagenet_val_id,
+    robustbench_imagenet_ids,
+    robustbench_subset,
+    split_for_rank,
+    stratified_subset,
+    subset_digest,
+)
+
+__all__ += ["AttackSpec", "EvalProtocol", "RobustReport", "SampleLog", "eps_label", "max_sensible_eps",
+            "read_sample_log", "report_from_records", "robust_eval", "strict_float32", "wilson_interval"]
+__all__ += ["ROBUSTBENCH_IMAGENET_SHA256", "imagenet_val_id", "robustbench_imagenet_ids", "robustbench_subset",
+            "split_for_rank", "stratified_subset", "subset_digest"]
