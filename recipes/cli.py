@@ -85,7 +85,7 @@ def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset:
                         "into a previous-<time> folder there (run.fresh=true)")
     p.add_argument("overrides", nargs="*", help=f"dotted.key=value (JSON values), e.g. {example}")
     cluster.add_cluster_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after options: ... key=v --dry-run key2=w
     try:
         cfg = override(preset(args.preset), args.overrides + (["run.fresh=true"] if args.fresh else []))
     except ValueError as err:

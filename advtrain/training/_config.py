@@ -92,6 +92,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a section (a dict of {tp.__name__} fields)")
         return from_dict(tp, value, key=key)
     if origin in (typing.Union, types.UnionType):
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1 and dataclasses.is_dataclass(real[0]):  # an optional section: its own error, by key
+            return _coerce(real[0], value, key)
         for a in args:
             if a is not type(None):
                 try:

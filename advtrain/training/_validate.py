@@ -125,9 +125,17 @@ def eps_for_norm(value: Any, *, norm: str, key: str, allow_zero: bool = False) -
                               f"are not small perturbations)")
 
 
-def divisible(value: Any, by: int, *, key: str, why: str) -> None:
-    """``value`` is a multiple of ``by`` (e.g. an image size and a ViT's patch size)."""
-    check(isinstance(value, int) and value % by == 0, key=key, value=value, allowed=f"divisible by {by} ({why})")
+def divisible(value: Any, by: int, *, key: str, what: str = "") -> None:
+    """``value`` is a multiple of ``by`` (e.g. an image size and a ViT's patch size).
+
+    Example:
+        >>> divisible(30, 4, key="eval.img_size", what="the patch size {} of vit_tiny")
+        Traceback (most recent call last):
+        ...
+        advtrain.training._validate.FieldError: eval.img_size: 30 is not divisible by the patch size 4 of vit_tiny
+    """
+    check(isinstance(value, int) and value % by == 0, key=key, value=value,
+          allowed=f"divisible by {what.format(by) if what else by}")
 
 
 def device_name(value: Any, *, key: str) -> None:

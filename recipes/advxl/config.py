@@ -209,13 +209,13 @@ class TrainConfig:
         v.check_data_counts(self.data)
         p = patch_size(self)
         if p:
-            why = f"the patch size of {self.model.name}"
+            why = f"the patch size {{}} of {self.model.name}"
             for i, s in enumerate(self.stages):
-                v.divisible(s.img_size, p, key=f"stages.{i}.img_size", why=why)
+                v.divisible(s.img_size, p, key=f"stages.{i}.img_size", what=why)
             if self.eval.img_size:
-                v.divisible(self.eval.img_size, p, key="eval.img_size", why=why)
+                v.divisible(self.eval.img_size, p, key="eval.img_size", what=why)
             for i, r in enumerate(self.eval.resolutions):
-                v.divisible(r, p, key=f"eval.resolutions.{i}", why=why)
+                v.divisible(r, p, key=f"eval.resolutions.{i}", what=why)
         for i, s in enumerate(self.stages):
             if s.attack.steps and s.attack.eps == 0:
                 raise v.FieldError(f"stages.{i}.attack.eps", "0 with attack.steps > 0; set steps=0 for standard "
