@@ -13,8 +13,8 @@ Examples:
     python -m recipes.advxl.launch --preset imagenette224 data.path=../shared/datasets/imagenette224
     python -m recipes.advxl.launch --preset cifar10 stages.0.samples=500000 run.out_dir=runs/c10
     python -m recipes.advxl.launch --preset embedded --dry-run       # print the resolved config, run nothing
-    python -m recipes.advxl.launch --cluster slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 2880 \
-        --preset imagenet_vit_b16 data.path=/datasets/imagenet         # SLURM: 16 GPUs, requeued on preemption
+    python -m recipes.advxl.launch --cluster slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 720 \
+        --max-requeues 3 --preset imagenet_vit_b16 data.path=/datasets/imagenet   # SLURM: 16 GPUs, up to 48 h
 """
 
 from __future__ import annotations
