@@ -16,10 +16,18 @@ import sys
 import textwrap
 import time
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from advtrain.training import (ConfigError, MetricsError, ResumeError, RunDirError, check_run_dir, override,
-                               precision_for_device)
+from advtrain.training import (
+    ConfigError,
+    MetricsError,
+    ResumeError,
+    RunDirError,
+    check_run_dir,
+    override,
+    precision_for_device,
+)
 from recipes import cluster
 
 
@@ -68,7 +76,7 @@ def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset:
     A bad override exits with status 2 and one line on stderr naming the key, the value and what is allowed (no
     usage block); ``--help`` lists every config key.
     """
-    cls = type(preset("embedded" if "embedded" in presets else sorted(presets)[0]))
+    cls = type(preset("embedded" if "embedded" in presets else min(presets)))
     epilog = ("config keys (override any as dotted.key=value; values are JSON, e.g. optim.lr=0.01, "
               "eval.pgd_steps=10, data.path=\"/data\");\n--preset NAME --dry-run prints a preset's resolved values:\n"
               + config_keys(cls))

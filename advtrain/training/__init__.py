@@ -20,6 +20,7 @@ A loop built from it (a sketch; ``recipes/*/train.py`` are complete ones)::
     save_checkpoint(run.path, training_state(objects, dd, samples_seen=samples), keep=2)  # on rank 0
 """
 
+from advtrain.training import _validate as validators  # check, positive, in_range, eps_for_norm, ...
 from advtrain.training._checkpoint import (
     ResumeError,
     checkpoint_files,
@@ -76,7 +77,6 @@ from advtrain.training._validate import (
     non_negative,
     positive,
 )
-from advtrain.training import _validate as validators  # noqa: E402  (check, positive, in_range, eps_for_norm, ...)
 
 __all__ = [
     "ConfigError",

@@ -8,7 +8,8 @@ A section calls them in its ``__post_init__`` with the field's name; :func:`advt
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from advtrain.training._config import ConfigError
 

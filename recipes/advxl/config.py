@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
-from advtrain.training import validators as v
 from advtrain.training import load_config as _load_config
+from advtrain.training import validators as v
 
 Reducer = Literal["none", "resize", "random_mask", "block_mask"]
 DataKind = Literal["digits", "folder", "wds", "tensors"]

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
-from advtrain.training import validators as v
 from advtrain.training import load_config as _load_config
+from advtrain.training import validators as v
 
 Method = Literal["fast_advprop", "vanilla", "advprop"]
 DataKind = Literal["digits", "folder", "wds"]

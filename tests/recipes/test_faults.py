@@ -57,8 +57,8 @@ FAULTS = [
     ("advxl", "data.num_workers=-1", "data.num_workers: -1 is not an int >= 0"),
     ("advxl", "data.batch_size=0", "data.batch_size: 0 is not an int >= 1"),
     ("advxl", "stages.0.attack.eps=2.0", "stages.0.attack.eps: 2.0 is not an l_inf radius"),
-    ("advxl", "stages.1.attack.step_size=4", "stages.1.attack.step_size: 4.0 is not an l_inf radius in (0, 1) "
-                                             "(pixels in [0, 1]); did you mean 4/255 = 0.015686?"),
+    ("advxl", "stages.1.attack.step_size=4", ("stages.1.attack.step_size: 4.0 is not an l_inf radius in (0, 1) "
+                                              "(pixels in [0, 1]); did you mean 4/255 = 0.015686?")),
     ("advxl", 'stages.1.attack={"norm": "l2", "eps": 100, "step_size": 1, "steps": 3}',
      "stages.1.attack.eps: 100.0 is not an l_2 radius in [0, 64]"),
     ("advxl", 'stages.1.attack={"norm": "l1", "eps": 5000, "step_size": 1, "steps": 3}',
@@ -87,8 +87,8 @@ FAULTS = [
     ("advxl", "stages.7.samples=1", "stages has no item '7' (it has 2)"),
     ("advxl", "optim.learning_rate=1", "no field 'learning_rate' in optim"),
     ("fast_advprop", "adv.eps=2.0", "adv.eps: 2.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean"),
-    ("fast_advprop", "adv.eps=8", "adv.eps: 8.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean "
-                                  "8/255 = 0.031373?"),
+    ("fast_advprop", "adv.eps=8", ("adv.eps: 8.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean "
+                                   "8/255 = 0.031373?")),
     ("fast_advprop", "adv.step_size=0", "adv.step_size: 0.0 is not an l_inf radius in (0, 1)"),
     ("fast_advprop", "adv.p_adv=1.5", "adv.p_adv must be in (0, 1]; got 1.5"),
     ("fast_advprop", "eval.eps=2.0", "eval.eps: 2.0 is not an l_inf radius in [0, 1)"),
@@ -154,15 +154,14 @@ def test_help_lists_every_config_section_and_no_rst(recipe, capsys):
     code, out, _ = run_launcher(recipe, ["--help"], capsys)
     assert code == 0 and "``" not in out and ":func:" not in out and "--dry-run" in out
     config = importlib.import_module(f"recipes.{recipe}.config")
-    listed = re.findall(r"^  ([a-z_]+)(?:\.N)?(?: \(null.*?\))?: (.*)$", out, flags=re.M)
+    listed = re.findall(r"^  ([a-z_]+)(?:\.N)?(?: \(null.*?\))?: (.*)$", out, flags=re.MULTILINE)
     sections = {name: keys.split() for name, keys in listed}
     cfg = config.preset("embedded")
     for name, value in vars(cfg).items():
         if hasattr(value, "__dataclass_fields__") or name in ("stages", "clip_text"):
             section = type(cfg.stages[0]) if name == "stages" else (config.ClipText if name == "clip_text"
                                                                     else type(value))
-            assert set(section.__dataclass_fields__) <= set(sum((sections.get(name, []),
-                                                                 _continued(out, name)), [])), name
+            assert set(section.__dataclass_fields__) <= {*sections.get(name, []), *_continued(out, name)}, name
 
 
 def _continued(text: str, name: str) -> list[str]:
