@@ -76,16 +76,13 @@ class Adv:
     sync_update_speed: bool = True  # divide each parameter group's gradient by the samples that reached it
 
     def __post_init__(self):
-        if not 0 < self.p_adv <= 1:
-            raise ValueError(f"adv.p_adv must be in (0, 1]; got {self.p_adv}")
+        v.in_range(self.p_adv, 0, 1, key="p_adv", lo_open=True)
         v.eps_for_norm(self.eps, norm="linf", key="eps")
         v.eps_for_norm(self.step_size, norm="linf", key="step_size")
-        if self.steps < 1 or self.advprop_steps < 1:
-            raise ValueError(f"adv.steps and adv.advprop_steps must be >= 1; got {self.steps}, {self.advprop_steps}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"adv.beta must be > 0; got {self.beta}")
-        if self.bn_groups < 1:
-            raise ValueError(f"adv.bn_groups must be >= 1; got {self.bn_groups}")
+        v.check(self.steps >= 1, key="steps", value=self.steps, allowed="an int >= 1")
+        v.check(self.advprop_steps >= 1, key="advprop_steps", value=self.advprop_steps, allowed="an int >= 1")
+        v.positive(self.beta, key="beta")
+        v.check(self.bn_groups >= 1, key="bn_groups", value=self.bn_groups, allowed="an int >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -90,7 +90,9 @@ FAULTS = [
     ("fast_advprop", "adv.eps=8", ("adv.eps: 8.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean "
                                    "8/255 = 0.031373?")),
     ("fast_advprop", "adv.step_size=0", "adv.step_size: 0.0 is not an l_inf radius in (0, 1)"),
-    ("fast_advprop", "adv.p_adv=1.5", "adv.p_adv must be in (0, 1]; got 1.5"),
+    ("fast_advprop", "adv.p_adv=1.5", "adv.p_adv: 1.5 is not in (0, 1]"),
+    ("fast_advprop", "adv.beta=0", "adv.beta: 0.0 is not a finite number > 0"),
+    ("fast_advprop", "adv.steps=0", "adv.steps: 0 is not an int >= 1"),
     ("fast_advprop", "eval.eps=2.0", "eval.eps: 2.0 is not an l_inf radius in [0, 1)"),
     ("fast_advprop", "eval.pgd_steps=-1", "eval.pgd_steps: -1 is not an int >= 0"),
     ("fast_advprop", "eval.corruption_samples=0", "eval.corruption_samples: 0 is not null (all) or an int >= 1"),
