@@ -104,8 +104,9 @@ class Optim:
             raise ValueError(f"optim.epochs must be > 0; got {self.epochs}")
         if list(self.milestones) != sorted(self.milestones) or any(not 0 < m < self.epochs for m in self.milestones):
             raise ValueError(f"optim.milestones must increase inside (0, {self.epochs}); got {self.milestones}")
-        if not 0 < self.gamma <= 1 or not 0 <= self.warmup_epochs < self.epochs or not 0 <= self.momentum < 1:
-            raise ValueError(f"need 0 < gamma <= 1, 0 <= warmup_epochs < epochs, 0 <= momentum < 1; got {self}")
+        v.in_range(self.gamma, 0, 1, key="gamma", lo_open=True)
+        v.in_range(self.warmup_epochs, 0, self.epochs, key="warmup_epochs", hi_open=True)
+        v.in_range(self.momentum, 0, 1, key="momentum", hi_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
