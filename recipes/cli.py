@@ -9,52 +9,164 @@ run-directory errors into a one-line message and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
+import textwrap
 import time
-from typing import Any, Callable
+import typing
+from collections.abc import Callable
+from typing import Any
 
-from advtrain.training import ConfigError, MetricsError, ResumeError, RunDirError, check_run_dir, override
+from advtrain.training import (
+    ConfigError,
+    MetricsError,
+    ResumeError,
+    RunDirError,
+    check_run_dir,
+    override,
+    precision_for_device,
+)
 from recipes import cluster
 
 
+def plain(doc: str) -> str:
+    """A docstring for a terminal: RST roles and double backticks removed (``x`` -> x, :func:`f` -> f)."""
+    return re.sub(r":\w+:`([^`]+)`", r"\1", doc).replace("``", "")
+
+
+def config_keys(cls: type, *, width: int = 116) -> str:
+    """The config's sections and their keys, compactly, for ``--help`` (a tuple of sections reads ``stages.N``)."""
+    hints = typing.get_type_hints(cls)
+    top, lines = [], []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp):
+            section, name = tp, f.name
+        elif typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+            section, name = args[0], f"{f.name}.N"
+        elif len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            section, name = args[0], f"{f.name} (null, or set it whole first)"
+        else:
+            top.append(f.name)
+            continue
+        keys = " ".join(g.name for g in dataclasses.fields(section))
+        lines.append(textwrap.fill(keys, width=width, initial_indent=f"  {name}: ", subsequent_indent="      "))
+        sub_hints = typing.get_type_hints(section)
+        for g in dataclasses.fields(section):  # one level of nesting (stages.N.attack)
+            if dataclasses.is_dataclass(sub_hints[g.name]):
+                sub = " ".join(h.name for h in dataclasses.fields(sub_hints[g.name]))
+                lines.append(textwrap.fill(sub, width=width, initial_indent=f"  {name.split(' ')[0]}.{g.name}: ",
+                                           subsequent_indent="      "))
+    if top:
+        lines.insert(0, textwrap.fill(" ".join(top), width=width, initial_indent="  (top level): ",
+                                      subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _overridden(items: list[str]) -> set[str]:
+    return {item.split("=", 1)[0].strip() for item in items if "=" in item}
+
+
 def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset: Callable, example: str):
-    """``(cfg, args)`` from a command line: ``--preset NAME [--fresh] [--dry-run] [cluster options] key=value ...``."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``(cfg, args)`` from a command line: ``--preset NAME [--fresh] [--dry-run] [cluster options] key=value ...``.
+
+    A bad override exits with status 2 and one line on stderr naming the key, the value and what is allowed (no
+    usage block); ``--help`` lists every config key.
+    """
+    cls = type(preset("embedded" if "embedded" in presets else min(presets)))
+    epilog = ("config keys (override any as dotted.key=value; values are JSON, e.g. optim.lr=0.01, "
+              "eval.pgd_steps=10, data.path=\"/data\");\n--preset NAME --dry-run prints a preset's resolved values:\n"
+              + config_keys(cls))
+    p = argparse.ArgumentParser(prog=prog, description=plain(doc).rstrip() + "\n\n" + epilog,
+                                usage="%(prog)s [--preset NAME] [--dry-run] [--fresh] [cluster options] "
+                                      "[dotted.key=value ...]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="embedded", choices=sorted(presets), help="a named configuration")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config (with --cluster: also the job parameters and sbatch script), exit")
+                   help="check the config (all but the data and other files, which are not read) and print it "
+                        "resolved (with --cluster: also the job parameters and sbatch script); runs nothing")
     p.add_argument("--fresh", action="store_true",
                    help="start over in run.out_dir: move an existing run's files (metrics, checkpoints, config) aside "
                         "into a previous-<time> folder there (run.fresh=true)")
     p.add_argument("overrides", nargs="*", help=f"dotted.key=value (JSON values), e.g. {example}")
     cluster.add_cluster_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after options: ... key=v --dry-run key2=w
     try:
         cfg = override(preset(args.preset), args.overrides + (["run.fresh=true"] if args.fresh else []))
     except ValueError as err:
-        p.error(str(err))
+        print(f"{prog}: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    args.explicit = _overridden(args.overrides)
     return cfg, args
 
 
-def check_runs(cfgs: list, world: int, *, validate: Callable) -> None:
+def device_type(cfg, args: argparse.Namespace) -> str:
+    """Where the run's processes will compute: ``cuda``/``cpu``/``mps`` (SLURM: GPUs asked for, or not)."""
+    if getattr(args, "cluster", None) == "slurm":
+        return "cuda" if args.gpus_per_node else "cpu"
+    if cfg.run.device:
+        return cfg.run.device.split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def for_device(cfg, args: argparse.Namespace):
+    """``cfg`` with ``run.precision`` fit for the device (bf16 -> fp32 on CPU unless asked); prints the notice."""
+    precision, notice = precision_for_device(cfg.run.precision, device_type=device_type(cfg, args),
+                                             explicit="run.precision" in getattr(args, "explicit", set()))
+    if notice:
+        print(notice, file=sys.stderr)
+    if precision == cfg.run.precision:
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=precision))
+
+
+def check_runs(cfgs: list, world: int, *, validate: Callable, files: bool = True) -> list[str]:
     """Raises ``ValueError`` (or ``FileNotFoundError``) for a run that cannot train with ``world`` processes, or
-    whose run directory holds a run with another config (the differing fields named)."""
+    whose run directory holds a run with another config (the differing fields named).
+
+    With ``files=False`` (a dry run) a missing data path or file is not an error: the messages come back instead.
+    """
+    skipped = []
     for c in cfgs:
-        validate(c)
+        try:
+            validate(c)
+        except FileNotFoundError as err:
+            if files:
+                raise
+            skipped.append(str(err))
         if c.data.batch_size % world:
             raise ValueError(f"data.batch_size ({c.data.batch_size}) is the global batch: it must divide evenly over "
                              f"{world} processes")
         check_run_dir(c.run.out_dir, c.to_dict(), fresh=c.run.fresh)
+    return skipped
+
+
+def dry_run_note(skipped: list[str]) -> str:
+    """The dry run's one line on what it did not check."""
+    if not skipped:
+        return "dry run: config checked; nothing was run"
+    return (f"dry run: config checked, the data and other files not read ({'; '.join(dict.fromkeys(skipped))}); "
+            "nothing was run")
 
 
 def main(recipe: str, cfg, args: argparse.Namespace, *, check: Callable, run_local: Callable[[Any], Any]) -> None:
     """Runs (or submits, or prints) ``cfg`` as ``args`` say; errors a user can fix exit with one line."""
+    cfg = for_device(cfg, args)
     if args.cluster:
         cluster.main_or_exit(recipe, cfg, args, check=check)
         return
     if args.dry_run:
+        try:
+            skipped = check(cfg, 1, files=False)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"configuration error: {err}")
         print(json.dumps(cfg.to_dict(), indent=2))
+        print(dry_run_note(skipped or []), file=sys.stderr)
         return
     try:
         check(cfg, 1)

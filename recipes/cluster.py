@@ -248,7 +248,7 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
     params = executor_parameters(args, name=recipe, cfg=cfg)
     world = params["nodes"] * params["tasks_per_node"]
     cfg = absolute_paths(cfg)
-    check(cfg, world)
+    skipped = check(cfg, world, files=False) if args.dry_run else check(cfg, world)  # a preview needs no data
     folder = Path(args.job_dir).resolve() if args.job_dir else Path(cfg.run.out_dir) / "submitit"
     try:
         executor = _executor(args, folder, params)
@@ -260,6 +260,9 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
                           "executor": params, "config": cfg.to_dict()}, indent=2))
         if args.cluster == "slurm":
             print("\n# sbatch script that would be submitted:\n" + sbatch_script(executor))
+        from recipes.cli import dry_run_note
+
+        print(dry_run_note(skipped or []).replace("nothing was run", "nothing was submitted"), file=sys.stderr)
         return None
     folder.mkdir(parents=True, exist_ok=True)
     try:

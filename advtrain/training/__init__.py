@@ -20,6 +20,7 @@ A loop built from it (a sketch; ``recipes/*/train.py`` are complete ones)::
     save_checkpoint(run.path, training_state(objects, dd, samples_seen=samples), keep=2)  # on rank 0
 """
 
+from advtrain.training import _validate as validators  # check, positive, in_range, eps_for_norm, ...
 from advtrain.training._checkpoint import (
     ResumeError,
     checkpoint_files,
@@ -28,7 +29,16 @@ from advtrain.training._checkpoint import (
     save_checkpoint,
     training_state,
 )
-from advtrain.training._config import ConfigError, RunConfig, choose, config_diff, from_dict, load_config, override
+from advtrain.training._config import (
+    ConfigError,
+    RunConfig,
+    choose,
+    config_diff,
+    from_dict,
+    load_config,
+    override,
+    precision_for_device,
+)
 from advtrain.training._distributed import Dist, all_mean, barrier, gather_per_rank, setup_distributed, wrap_ddp
 from advtrain.training._loop import (
     Every,
@@ -55,9 +65,22 @@ from advtrain.training._progress import Progress, interactive, run_logger
 from advtrain.training._rng import rng_state, seeded_host_rng, set_rng_state, stable_seed, step_generator
 from advtrain.training._run_dir import RUN_FILES, RunDir, RunDirError, check_run_dir, environment_meta
 from advtrain.training._timing import StepTimer, cycle
+from advtrain.training._validate import (
+    FieldError,
+    check_data_counts,
+    device_name,
+    divisible,
+    each,
+    eps_for_norm,
+    in_range,
+    non_empty,
+    non_negative,
+    positive,
+)
 
 __all__ = [
     "ConfigError",
+    "FieldError",
     "Dist",
     "Every",
     "MetricsError",
@@ -75,6 +98,7 @@ __all__ = [
     "all_mean",
     "autocast",
     "barrier",
+    "check_data_counts",
     "check_finite",
     "check_run_dir",
     "check_sinks",
@@ -83,17 +107,26 @@ __all__ = [
     "choose",
     "config_diff",
     "cycle",
+    "device_name",
+    "divisible",
+    "each",
     "environment_meta",
+    "eps_for_norm",
     "from_dict",
     "gather_per_rank",
+    "in_range",
     "interactive",
     "load_config",
     "load_latest_checkpoint",
     "log_due",
     "make_mixup",
+    "non_empty",
+    "non_negative",
     "open_sinks",
     "override",
     "plot_metrics",
+    "positive",
+    "precision_for_device",
     "quiet_set_vital",
     "read_metrics",
     "restore_training_state",
@@ -108,5 +141,6 @@ __all__ = [
     "take",
     "training_state",
     "truncate_metrics",
+    "validators",
     "wrap_ddp",
 ]

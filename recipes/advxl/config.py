@@ -18,6 +18,7 @@ from typing import Literal
 
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
+from advtrain.training import validators as v
 
 Reducer = Literal["none", "resize", "random_mask", "block_mask"]
 DataKind = Literal["digits", "folder", "wds", "tensors"]
@@ -35,8 +36,9 @@ class Attack:
     random_start: bool = True
 
     def __post_init__(self):
-        if self.eps < 0 or self.step_size <= 0 or self.steps < 0:
-            raise ValueError(f"attack needs eps >= 0, step_size > 0, steps >= 0; got {self}")
+        v.eps_for_norm(self.eps, norm=self.norm, key="eps", allow_zero=True)  # 0 with steps=0: standard training
+        v.eps_for_norm(self.step_size, norm=self.norm, key="step_size")
+        v.check(self.steps >= 0, key="steps", value=self.steps, allowed="an int >= 0 (0: no attack)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +56,10 @@ class Stage:
     eps_warmup_samples: int = 0  # linear eps ramp from 0 at the start of the stage (training from scratch)
 
     def __post_init__(self):
-        if self.samples <= 0 or self.img_size <= 0:
-            raise ValueError(f"stage {self.name!r} needs samples > 0 and img_size > 0")
+        v.non_empty(self.name, key="name")
+        v.check(self.samples >= 1, key="samples", value=self.samples, allowed="an int >= 1")
+        v.check(self.img_size >= 1, key="img_size", value=self.img_size, allowed="an int >= 1 (px)")
+        v.positive(self.lr, key="lr", optional=True)
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"stage {self.name!r}: keep_ratio must be in (0, 1]; got {self.keep_ratio}")
         if self.reducer in ("random_mask", "block_mask") and self.keep_ratio == 1:
@@ -78,6 +82,20 @@ class Model:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    def __post_init__(self):
+        v.non_empty(self.name, key="name")
+        v.check(self.num_classes >= 1, key="num_classes", value=self.num_classes, allowed="an int >= 1")
+        v.in_range(self.drop_path, 0, 1, key="drop_path", hi_open=True)
+        if self.stem_channels is not None:
+            v.check(len(self.stem_channels) > 0, key="stem_channels", value=self.stem_channels,
+                    allowed="null or a non-empty list of widths")
+            v.each(self.stem_channels, v.positive, key="stem_channels")
+        v.each(self.mean, v.in_range, key="mean", lo=0, hi=1)
+        v.each(self.std, v.positive, key="std")
+        if "patch_size" in self.kwargs:
+            v.check(isinstance(self.kwargs["patch_size"], int) and self.kwargs["patch_size"] >= 1,
+                    key="kwargs.patch_size", value=self.kwargs["patch_size"], allowed="an int >= 1")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Optim:
@@ -87,6 +105,14 @@ class Optim:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 1.0  # max gradient norm
     ema_decay: float | None = None  # e.g. 0.9999; None: no EMA
+
+    def __post_init__(self):
+        v.positive(self.lr, key="lr")
+        v.in_range(self.min_lr, 0, self.lr, key="min_lr")
+        v.non_negative(self.weight_decay, key="weight_decay")
+        v.each(self.betas, v.in_range, key="betas", lo=0, hi=1, hi_open=True)
+        v.positive(self.clip_grad, key="clip_grad", optional=True)
+        v.in_range(self.ema_decay, 0, 1, key="ema_decay", lo_open=True, hi_open=True, optional=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +146,12 @@ class ClipText:
     pretrained: str | None = "datacomp1b"  # open_clip pretrained tag; None: random init (tests)
     templates: tuple[str, ...] = ("a photo of a {}.",)  # for the zero-shot evaluation classifier
 
+    def __post_init__(self):
+        v.non_empty(self.tower, key="tower")
+        v.check(len(self.templates) > 0, key="templates", value=self.templates, allowed="a non-empty list")
+        for i, t in enumerate(self.templates):
+            v.check("{}" in t, key=f"templates.{i}", value=t, allowed="a template with a {} for the class name")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Eval:
@@ -129,6 +161,20 @@ class Eval:
     autoattack_samples: int = 0  # 0: no AutoAttack; else a fixed subset of this many validation samples
     img_size: int | None = None  # evaluation resolution (default: the last stage's)
     resolutions: tuple[int, ...] = ()  # after training: clean/PGD accuracy at each of these test-time sizes
+
+    def __post_init__(self):
+        v.eps_for_norm(self.eps, norm="linf", key="eps", allow_zero=True)  # the evaluation attack is l_inf PGD
+        v.check(self.pgd_steps >= 0, key="pgd_steps", value=self.pgd_steps, allowed="an int >= 0 (0: clean only)")
+        if self.pgd_steps:
+            v.eps_for_norm(self.pgd_step_size, norm="linf", key="pgd_step_size")
+            v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 when eval.pgd_steps > 0")
+        v.check(self.autoattack_samples >= 0, key="autoattack_samples", value=self.autoattack_samples,
+                allowed="an int >= 0 (0: no AutoAttack)")
+        if self.autoattack_samples:
+            v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 for AutoAttack")
+        v.check(self.img_size is None or self.img_size >= 1, key="img_size", value=self.img_size,
+                allowed="null (the last stage's) or an int >= 1 (px)")
+        v.each(self.resolutions, v.positive, key="resolutions")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,8 +206,20 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique; got {names}")
-        if self.data.batch_size <= 0:
-            raise ValueError(f"data.batch_size must be > 0; got {self.data.batch_size}")
+        v.check_data_counts(self.data)
+        p = patch_size(self)
+        if p:
+            why = f"the patch size {{}} of {self.model.name}"
+            for i, s in enumerate(self.stages):
+                v.divisible(s.img_size, p, key=f"stages.{i}.img_size", what=why)
+            if self.eval.img_size:
+                v.divisible(self.eval.img_size, p, key="eval.img_size", what=why)
+            for i, r in enumerate(self.eval.resolutions):
+                v.divisible(r, p, key=f"eval.resolutions.{i}", what=why)
+        for i, s in enumerate(self.stages):
+            if s.attack.steps and s.attack.eps == 0:
+                raise v.FieldError(f"stages.{i}.attack.eps", "0 with attack.steps > 0; set steps=0 for standard "
+                                                            "training, or eps > 0")
 
     @property
     def total_samples(self) -> int:
@@ -311,6 +369,17 @@ PRESETS = {f.__name__: f for f in (embedded, imagenette224, cifar10, imagenet_vi
 
 
 
+def patch_size(cfg: TrainConfig) -> int | None:
+    """The ViT patch size from the model kwargs or the timm name (``..._patch16_...``); None for non-ViTs."""
+    if "patch_size" in cfg.model.kwargs:
+        return int(cfg.model.kwargs["patch_size"])
+    name = cfg.model.name
+    if "patch" in name:
+        digits = "".join(c for c in name.split("patch", 1)[1] if c.isdigit() or c == "_").split("_")[0]
+        return int(digits) if digits else None
+    return None
+
+
 def check_consistency(cfg: TrainConfig) -> None:
     """Cheap checks that need no model or data (the rest happen in ``train.validate``)."""
     for s in cfg.stages:
@@ -318,3 +387,5 @@ def check_consistency(cfg: TrainConfig) -> None:
             raise ValueError(f"stage {s.name!r} attacks with eps 0; set steps=0 for standard training")
     if math.isnan(cfg.optim.lr) or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0; got {cfg.optim.lr}")
+    if cfg.clip_text and cfg.data.kind == "folder":
+        raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")

@@ -1,4 +1,4 @@
-"""Launch the AdvXL recipe: ``python -m recipes.advxl.launch --preset NAME [dotted.key=value ...]``.
+r"""Launch the AdvXL recipe: ``python -m recipes.advxl.launch --preset NAME [dotted.key=value ...]``.
 
 Runs in this process by default (for several GPUs on one machine, ``torchrun --nproc-per-node N -m
 recipes.advxl.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slurm`` submits the same run through
@@ -13,8 +13,8 @@ Examples:
     python -m recipes.advxl.launch --preset imagenette224 data.path=../shared/datasets/imagenette224
     python -m recipes.advxl.launch --preset cifar10 stages.0.samples=500000 run.out_dir=runs/c10
     python -m recipes.advxl.launch --preset embedded --dry-run       # print the resolved config, run nothing
-    python -m recipes.advxl.launch --cluster slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 2880 \
-        --preset imagenet_vit_b16 data.path=/datasets/imagenet         # SLURM: 16 GPUs, requeued on preemption
+    python -m recipes.advxl.launch --cluster slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 720 \
+        --max-requeues 3 --preset imagenet_vit_b16 data.path=/datasets/imagenet   # SLURM: 16 GPUs, up to 48 h
 """
 
 from __future__ import annotations
@@ -73,11 +73,14 @@ def run_local(cfg: TrainConfig) -> dict:
     return results | {"table": table}
 
 
-def check(cfg: TrainConfig, world: int) -> None:
-    """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes."""
+def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
+    """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes.
+
+    ``files=False`` (a dry run): a missing data path or file is not an error; what was not checked comes back.
+    """
     from recipes.advxl.train import validate
 
-    cli.check_runs(list(runs(cfg).values()), world, validate=validate)
+    return cli.check_runs(list(runs(cfg).values()), world, validate=validate, files=files)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Literal
 
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
+from advtrain.training import validators as v
 
 Method = Literal["fast_advprop", "vanilla", "advprop"]
 DataKind = Literal["digits", "folder", "wds"]
@@ -52,6 +52,12 @@ class Model:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    def __post_init__(self):
+        v.non_empty(self.name, key="name")
+        v.check(self.num_classes >= 1, key="num_classes", value=self.num_classes, allowed="an int >= 1")
+        v.each(self.mean, v.in_range, key="mean", lo=0, hi=1)
+        v.each(self.std, v.positive, key="std")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Adv:
@@ -69,16 +75,13 @@ class Adv:
     sync_update_speed: bool = True  # divide each parameter group's gradient by the samples that reached it
 
     def __post_init__(self):
-        if not 0 < self.p_adv <= 1:
-            raise ValueError(f"adv.p_adv must be in (0, 1]; got {self.p_adv}")
-        if self.eps <= 0 or self.step_size <= 0:
-            raise ValueError(f"adv.eps and adv.step_size must be > 0; got {self.eps}, {self.step_size}")
-        if self.steps < 1 or self.advprop_steps < 1:
-            raise ValueError(f"adv.steps and adv.advprop_steps must be >= 1; got {self.steps}, {self.advprop_steps}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"adv.beta must be > 0; got {self.beta}")
-        if self.bn_groups < 1:
-            raise ValueError(f"adv.bn_groups must be >= 1; got {self.bn_groups}")
+        v.in_range(self.p_adv, 0, 1, key="p_adv", lo_open=True)
+        v.eps_for_norm(self.eps, norm="linf", key="eps")
+        v.eps_for_norm(self.step_size, norm="linf", key="step_size")
+        v.check(self.steps >= 1, key="steps", value=self.steps, allowed="an int >= 1")
+        v.check(self.advprop_steps >= 1, key="advprop_steps", value=self.advprop_steps, allowed="an int >= 1")
+        v.positive(self.beta, key="beta")
+        v.check(self.bn_groups >= 1, key="bn_groups", value=self.bn_groups, allowed="an int >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,14 +97,16 @@ class Optim:
     calibrate: bool = True  # false: every method runs optim.epochs (same epochs, not the same cost)
 
     def __post_init__(self):
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"optim.lr must be > 0; got {self.lr}")
+        v.positive(self.lr, key="lr")
+        v.non_negative(self.weight_decay, key="weight_decay")
+        v.positive(self.epochs, key="epochs")
         if not self.epochs > 0:
             raise ValueError(f"optim.epochs must be > 0; got {self.epochs}")
         if list(self.milestones) != sorted(self.milestones) or any(not 0 < m < self.epochs for m in self.milestones):
             raise ValueError(f"optim.milestones must increase inside (0, {self.epochs}); got {self.milestones}")
-        if not 0 < self.gamma <= 1 or not 0 <= self.warmup_epochs < self.epochs or not 0 <= self.momentum < 1:
-            raise ValueError(f"need 0 < gamma <= 1, 0 <= warmup_epochs < epochs, 0 <= momentum < 1; got {self}")
+        v.in_range(self.gamma, 0, 1, key="gamma", lo_open=True)
+        v.in_range(self.warmup_epochs, 0, self.epochs, key="warmup_epochs", hi_open=True)
+        v.in_range(self.momentum, 0, 1, key="momentum", hi_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,8 +146,16 @@ class Eval:
     def __post_init__(self):
         if any(s not in (1, 2, 3, 4, 5) for s in self.severities) or (self.corruptions and not self.severities):
             raise ValueError(f"eval.severities must be a non-empty subset of 1..5; got {self.severities}")
-        if self.evals < 1 or self.pgd_steps < 0 or self.eps < 0:
-            raise ValueError(f"need eval.evals >= 1, eval.pgd_steps >= 0, eval.eps >= 0; got {self}")
+        v.check(self.evals >= 1, key="evals", value=self.evals, allowed="an int >= 1")
+        v.check(self.pgd_steps >= 0, key="pgd_steps", value=self.pgd_steps, allowed="an int >= 0 (0: clean only)")
+        v.eps_for_norm(self.eps, norm="linf", key="eps", allow_zero=True)  # the evaluation attack is l_inf PGD
+        if self.pgd_steps:
+            v.eps_for_norm(self.pgd_step_size, norm="linf", key="pgd_step_size")
+            v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 when eval.pgd_steps > 0")
+        v.check(self.corruption_samples is None or self.corruption_samples >= 1, key="corruption_samples",
+                value=self.corruption_samples, allowed="null (all) or an int >= 1")
+        if len(set(self.corruptions)) != len(self.corruptions):
+            raise v.FieldError("corruptions", f"{list(self.corruptions)} lists a corruption twice")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,8 +180,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in typing.get_args(Method):
             raise ValueError(f"method must be one of {typing.get_args(Method)}; got {self.method!r}")
-        if self.data.batch_size <= 0 or self.data.img_size <= 0:
-            raise ValueError(f"data.batch_size and data.img_size must be > 0; got {self.data}")
+        v.check_data_counts(self.data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

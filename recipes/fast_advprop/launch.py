@@ -1,4 +1,4 @@
-"""Launch the Fast AdvProp recipe: ``python -m recipes.fast_advprop.launch --preset NAME [dotted.key=value ...]``.
+r"""Launch the Fast AdvProp recipe: ``python -m recipes.fast_advprop.launch --preset NAME [dotted.key=value ...]``.
 
 Runs in this process by default (for several GPUs on one machine, ``torchrun --nproc-per-node N -m
 recipes.fast_advprop.launch ...``, which sets WORLD_SIZE/RANK for DDP). ``--cluster slurm`` submits the same run
@@ -93,11 +93,15 @@ def run_local(cfg: TrainConfig) -> dict:
     return {"results": results, "table": table}
 
 
-def check(cfg: TrainConfig, world: int) -> None:
-    """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes."""
+def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
+    """Raises ``ValueError`` (or ``FileNotFoundError``) for a config that cannot train with ``world`` processes.
+
+    ``files=False`` (a dry run): a missing data path or file is not an error; what was not checked comes back.
+    """
     from recipes.fast_advprop.train import validate
 
-    cli.check_runs(list(baselines(cfg).values()) if cfg.run.compare else [cfg], world, validate=validate)
+    return cli.check_runs(list(baselines(cfg).values()) if cfg.run.compare else [cfg], world, validate=validate,
+                          files=files)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,8 +121,8 @@ def test_overrides_are_dotted_and_typed():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(p_adv=0.0), r"p_adv must be in \(0, 1\]"),
-    (dict(p_adv=1.5), r"p_adv must be in \(0, 1\]"),
+    (dict(p_adv=0.0), r"p_adv: 0.0 is not in \(0, 1\]"),
+    (dict(p_adv=1.5), r"p_adv: 1.5 is not in \(0, 1\]"),
     (dict(beta=0.0), "beta"),
     (dict(steps=0), "steps"),
     (dict(bn_groups=0), "bn_groups"),

@@ -62,7 +62,8 @@ def test_round_trip_through_json(tmp_path):
     ("extra.lr=1", "extra is None here; set it whole first"),
     ("optim.lr.x=1", "optim.lr is 0.1, not a section"),
     ("optim.lr", "is not of the form dotted.key=value"),
-    ("run.log_every=0", "run: log_every must be >= 1; got 0"),
+    ("run.log_every=0", "run.log_every: 0 is not an int >= 1"),
+    ("run.device=gpu", "run.device: 'gpu' is not null, 'cpu'"),
 ])
 def test_override_errors_name_the_key_and_the_value_in_one_line(item, message):
     with pytest.raises(ConfigError) as err:
