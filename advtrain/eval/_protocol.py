@@ -610,7 +610,17 @@ def recipe_eval(model: nn.Module, batches, *, norms: Sequence[str], eps: Mapping
         attack runs), ``"pgd<K>-<norm>"`` / ``"autoattack-<norm>"`` for the others.
 
     Raises:
-        ValueError: a norm outside :data:`NORMS` or without a radius, or what :func:`robust_eval` raises.
+        ValueError: a norm outside :data:`NORMS` or without a radius, batches whose labels change between the two
+            passes (another order), or what :func:`robust_eval` raises.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> data = [(torch.rand(8, 3, 2, 2), torch.randint(0, 3, (8,)))]
+        >>> out = recipe_eval(model, lambda: data, norms=("linf", "l2"), eps={"linf": 4 / 255, "l2": 0.5},
+        ...                   pgd_steps=2, pgd_step_size=1 / 255, autoattack_samples=0, seed=0, results=None)
+        >>> sorted(out)
+        ['clean', 'n', 'pgd2', 'pgd2-l2']
     """
     from advtrain.eval._subset import stratified_subset
 
