@@ -586,6 +586,8 @@ def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, tex
 def validate(cfg: TrainConfig) -> None:
     """Every configuration error we can find before training starts, with a message that names it."""
     check_consistency(cfg)
+    if not cfg.eval.norms or set(cfg.eval.norms) - {"linf", "l2", "l1"}:
+        raise ValueError(f"eval.norms must be some of linf, l2, l1; got {list(cfg.eval.norms)}")
     check_timm_model(cfg.model.name)
     check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
     p = patch_size(cfg)

@@ -110,6 +110,8 @@ def _shard(path, members: dict[str, bytes]):
      ValueError, r"lack \['cls'\]"),
     (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards")), clip_text=ClipText(tower="tiny")),
      ValueError, r"lack \['cls', 'txt'\]"),
+    (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, norms=("linf", "l3"))),
+     ValueError, "eval.norms must be some of"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
     (tmp_path / "shards").mkdir()
