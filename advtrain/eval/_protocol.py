@@ -553,3 +553,107 @@ def _robust(model, spec: AttackSpec, x: Tensor, y: Tensor, ok: Tensor, *, seed: 
     out[ok] = adv_ok
     return out
 
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def _selected(batches: Iterable[Any], keep: Sequence[int] | None, labels: dict[int, int], *, rank: int, world: int):
+    """Yields ``(x, y, keys)`` of this rank's share of the samples at positions ``keep`` (all: ``None``).
+
+    Keys are positions in the batches' order; every rank reads every batch (so ``labels`` records them all) and
+    keeps every ``world``-th selected sample. A position whose label differs from the one ``labels`` holds
+    means the batches changed order between passes: that raises instead of attacking other images.
+    """
+    share = None if keep is None else {i: j % world == rank for j, i in enumerate(keep)}
+    pos = 0
+    for b in batches:
+        x, y = b[0], torch.as_tensor(b[1])
+        idx = []
+        for j, lab in enumerate(y.tolist()):
+            i = pos + j
+            if labels.setdefault(i, int(lab)) != int(lab):
+                raise ValueError(f"validation sample {i} has label {int(lab)} now and {labels[i]} before: the "
+                                 f"validation batches must come in the same order on every pass")
+            if (i % world == rank) if share is None else share.get(i, False):
+                idx.append(j)
+        if idx:
+            t = torch.tensor(idx)
+            yield x[t.to(x.device)], y[t], [str(pos + j) for j in idx]
+        pos += len(y)
+
+
+def recipe_eval(model: nn.Module, batches, *, norms: Sequence[str], eps: Mapping[str, float], pgd_steps: int,
+                pgd_step_size: float, autoattack_samples: int, seed: int, results: str | Path | None,
+                progress: bool = False, desc: str = "eval", distributed: bool = True) -> dict:
+    r"""The recipes' end-of-stage evaluation: :func:`robust_eval` (strict float32) as a flat metrics dict.
+
+    Clean top-1 and PGD-``pgd_steps`` (step ``pgd_step_size`` at the l_inf radius, scaled with the radius for
+    the other norms) run on every validation sample; AutoAttack (standard) on a seeded class-stratified subset
+    of ``autoattack_samples`` of them (:func:`stratified_subset` of their labels), not the first ones in loader
+    order. Under ``torch.distributed`` every rank reads every batch and attacks its share; the reports are global.
+
+    Args:
+        model: float32 classifier of pixels in [0, 1].
+        batches: a callable returning an iterable of ``(x, y, ...)`` batches in a fixed order (called once per pass).
+        norms: the norms to attack, e.g. ``("linf",)``; the first one's results keep the short keys.
+        eps: radius per norm (only those in ``norms`` are used).
+        pgd_steps: PGD iterations (0: none). pgd_step_size: the PGD step at ``eps[norms[0]]``.
+        autoattack_samples: AutoAttack subset size (0: none). seed: PGD/AutoAttack and subset seed.
+        results: the per-sample JSON-lines file (the AutoAttack pass writes ``<stem>-autoattack.jsonl``; ranks
+            other than 0 add ``.rank<r>``); an existing file is replaced. ``None``: in memory only.
+        distributed: under ``torch.distributed``, share the work among the ranks (every rank must call);
+            ``False``: this process evaluates everything alone (e.g. rank 0 only).
+
+    Returns:
+        ``{"clean", "n", "pgd<K>", "autoattack", "autoattack_n"}`` for the first norm (keys present only when that
+        attack runs), ``"pgd<K>-<norm>"`` / ``"autoattack-<norm>"`` for the others.
+
+    Raises:
+        ValueError: a norm outside :data:`NORMS` or without a radius, batches whose labels change between the two
+            passes (another order), or what :func:`robust_eval` raises.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> data = [(torch.rand(8, 3, 2, 2), torch.randint(0, 3, (8,)))]
+        >>> out = recipe_eval(model, lambda: data, norms=("linf", "l2"), eps={"linf": 4 / 255, "l2": 0.5},
+        ...                   pgd_steps=2, pgd_step_size=1 / 255, autoattack_samples=0, seed=0, results=None)
+        >>> sorted(out)
+        ['clean', 'n', 'pgd2', 'pgd2-l2']
+    """
+    from advtrain.eval._subset import stratified_subset
+
+    bad = [n for n in norms if n not in NORMS or n not in eps] or ([] if norms else ["(none)"])
+    if bad:
+        raise ValueError(f"eval norms must be some of {NORMS}, each with a radius; got {list(norms)} (eps {dict(eps)})")
+    dist = distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    radii = {n: eps[n] for n in norms}
+    rel = pgd_step_size / radii[norms[0]] if pgd_steps else None
+
+    def path(suffix: str) -> Path | None:
+        if results is None:
+            return None
+        p = Path(results)
+        p = p.with_name(p.stem + suffix + (f".rank{rank}" if rank else "") + p.suffix)
+        p.unlink(missing_ok=True)
+        return p
+
+    def short(name: str, prefix: str) -> str:
+        return prefix if name.endswith(f"-{norms[0]}-{eps_label(norms[0], radii[norms[0]])}") else (
+            f"{prefix}-{name.split('-')[1]}")
+
+    labels: dict[int, int] = {}
+    r = robust_eval(model, _selected(batches(), None, labels, rank=rank, world=world), progress=progress, desc=desc,
+                    protocol=EvalProtocol(eps=radii, pgd_steps=pgd_steps, pgd_rel_step=rel, autoattack=None,
+                                          seed=seed), results=path(""), gather=dist)
+    out = {"clean": r.clean, "n": r.n} | {short(k, f"pgd{pgd_steps}"): v for k, v in r.robust.items()}
+    if autoattack_samples:
+        pos = sorted(labels)
+        keep = stratified_subset([str(i) for i in pos], [labels[i] for i in pos], n=autoattack_samples, seed=seed)
+        ra = robust_eval(model, _selected(batches(), [pos[i] for i in keep], labels, rank=rank, world=world),
+                         protocol=EvalProtocol(eps=radii, pgd_steps=0, autoattack="standard", seed=seed),
+                         results=path("-autoattack"), progress=progress, desc="autoattack", gather=dist)
+        out |= {short(k, "autoattack"): v for k, v in ra.robust.items()} | {"autoattack_n": ra.n}
+    return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advtrain.eval import IMAGENET_EPS
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
 from advtrain.training import validators as v
@@ -161,6 +162,9 @@ class Eval:
     autoattack_samples: int = 0  # 0: no AutoAttack; else a fixed subset of this many validation samples
     img_size: int | None = None  # evaluation resolution (default: the last stage's)
     resolutions: tuple[int, ...] = ()  # after training: clean/PGD accuracy at each of these test-time sizes
+    norms: tuple[str, ...] = ("linf",)  # threat models to evaluate, of linf/l2/l1 (the first keeps the short keys)
+    l2_eps: float = IMAGENET_EPS["l2"]  # l_2 radius, pixels in [0, 1] (eps is the l_inf one)
+    l1_eps: float = IMAGENET_EPS["l1"]  # l_1 radius
 
     def __post_init__(self):
         v.eps_for_norm(self.eps, norm="linf", key="eps", allow_zero=True)  # the evaluation attack is l_inf PGD

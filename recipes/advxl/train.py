@@ -30,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from advtrain import pgd
 from advtrain.attacks import detach_params
-from advtrain.eval import autoattack, evaluate, format_resolution_table, plot_resolution, resize_images, resolution_sweep
+from advtrain.eval import format_resolution_table, plot_resolution, recipe_eval, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
@@ -546,28 +546,18 @@ class TextMode:
 # ================================================================================================ evaluation
 
 
-def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names) -> dict:
-    """Clean top-1, PGD-20 robust top-1 and (optionally) AutoAttack on a fixed subset, at ``img_size``."""
-    e, show = cfg.eval, dd.main and interactive()
-
-    def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
-        for b in val_batches(cfg, val_ds, dd):
-            x = b[0].to(dd.device).float().div(255)
-            yield (x if x.shape[-1] == img_size else resize_images(x, img_size)), b[1]
-
+def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: int, text, names, run_dir,
+             name: str) -> dict:
+    """Clean top-1, PGD-K and (optionally) AutoAttack on a stratified subset, at ``img_size``, in float32
+    (advtrain.eval.recipe_eval); per-sample results in ``run_dir/eval/<name>.jsonl``."""
+    e = cfg.eval
+    batches = lambda: ((x if x.shape[-1] == img_size else resize_images(x, img_size), b[1])
+                       for b in val_batches(cfg, val_ds, dd) for x in [b[0].to(dd.device).float().div(255)])
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
-    pgd20 = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
-                              generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
-    with autocast(cfg.run.precision, dd.device):
-        r = evaluate(clf, batches(), attacks={f"pgd{e.pgd_steps}": pgd20}, device=dd.device, progress=show,
-                     desc=f"eval {img_size}px")
-        out = {"clean": r.clean, f"pgd{e.pgd_steps}": r.robust[f"pgd{e.pgd_steps}"], "n": r.n}
-        if e.autoattack_samples:
-            aa = functools.partial(autoattack, norm="linf", eps=e.eps, seed=cfg.run.seed)
-            ra = evaluate(clf, batches(), attacks={"autoattack": aa}, device=dd.device, max_samples=e.autoattack_samples,
-                          progress=show, desc="autoattack")
-            out |= {"autoattack": ra.robust["autoattack"], "autoattack_n": ra.n}
-    return out
+    return recipe_eval(clf, batches, norms=e.norms, eps={"linf": e.eps, "l2": e.l2_eps, "l1": e.l1_eps},
+                       pgd_steps=e.pgd_steps, pgd_step_size=e.pgd_step_size, autoattack_samples=e.autoattack_samples,
+                       seed=cfg.run.seed, results=Path(run_dir) / "eval" / f"{name}.jsonl",
+                       progress=dd.main and interactive(), desc=f"eval {img_size}px")
 
 
 def val_batches(cfg: TrainConfig, val_ds, dd: Dist) -> Iterator:
@@ -596,6 +586,8 @@ def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, tex
 def validate(cfg: TrainConfig) -> None:
     """Every configuration error we can find before training starts, with a message that names it."""
     check_consistency(cfg)
+    if not cfg.eval.norms or set(cfg.eval.norms) - {"linf", "l2", "l1"}:
+        raise ValueError(f"eval.norms must be some of linf, l2, l1; got {list(cfg.eval.norms)}")
     check_timm_model(cfg.model.name)
     check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
     p = patch_size(cfg)
@@ -750,7 +742,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                            "lr": opt.param_groups[0]["lr"]} | all_mean({"loss": loss}, dd) | timer.window())
         if stage_done:
             size = cfg.eval.img_size or stage.img_size
-            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names)
+            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names,
+                         run_dir=run.path, name=stage.name)
             evals.append(r | {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size})
             log(f"stage {stage.name} done at {samples} samples: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in r.items() if isinstance(v, float)))

@@ -142,6 +142,7 @@ class Eval:
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corruption_samples: int | None = None  # a fixed seeded subset of the validation set; None: all of it
     evals: int = 1  # clean + PGD evaluations spread evenly over training (the last at the end; corruptions then)
+    autoattack_samples: int = 0  # 0: no AutoAttack; else l_inf AutoAttack on a seeded class-stratified subset
 
     def __post_init__(self):
         if any(s not in (1, 2, 3, 4, 5) for s in self.severities) or (self.corruptions and not self.severities):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -50,7 +49,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from advtrain import pgd, project
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
-from advtrain.eval import corruption_errors, evaluate
+from advtrain.eval import corruption_errors, recipe_eval
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
@@ -537,8 +536,9 @@ def train_step(cfg: TrainConfig, model, raw, opt, batch, step: int, dd: Dist, mi
 # ================================================================================================ evaluation
 
 
-def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions: bool) -> dict:
-    """Clean top-1 and PGD robust top-1 (main BNs, eval mode); with ``corruptions`` the corruption error too."""
+def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions: bool, results) -> dict:
+    """Clean top-1, PGD and (optionally) AutoAttack top-1 in float32 (main BNs, eval mode; advtrain.eval.recipe_eval,
+    per-sample results in ``results``); with ``corruptions`` the corruption error too."""
     e = cfg.eval
 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
@@ -547,14 +547,9 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
         for b in take(loader, cfg.data.val_samples):
             yield b[0].to(dd.device).float().div(255), b[1]
 
-    attacks = {}
-    if e.pgd_steps:
-        attacks[f"pgd{e.pgd_steps}"] = functools.partial(
-            pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
-            generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
-    with autocast(cfg.run.precision, dd.device):
-        r = evaluate(raw, batches(), attacks=attacks, device=dd.device, progress=interactive(), desc="eval")
-    out = {"clean": r.clean, "n": r.n} | dict(r.robust)
+    out = recipe_eval(raw, batches, norms=("linf",), eps={"linf": e.eps}, pgd_steps=e.pgd_steps,
+                      pgd_step_size=e.pgd_step_size, autoattack_samples=e.autoattack_samples, seed=cfg.run.seed,
+                      results=results, progress=interactive(), distributed=False)  # rank 0 only
     if corruptions and e.corruptions:
         out |= corruption_eval(cfg, raw, val_ds, dd)
     return out
@@ -787,7 +782,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                            "lr": opt.param_groups[0]["lr"]} | timer.window() | logged)
         if step in eval_steps:
             if dd.main:
-                r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total)
+                r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total,
+                             results=run.path / "eval" / f"step{step}.jsonl")
                 evals.append(r | {"kind": "eval", "samples": samples, "step": step, "epoch": samples / n_train})
                 log(f"eval at step {step}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in r.items()
                                                            if isinstance(v, float)))

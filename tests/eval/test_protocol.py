@@ -16,6 +16,7 @@ from advtrain.eval import (
     SampleLog,
     max_sensible_eps,
     read_sample_log,
+    recipe_eval,
     report_from_records,
     robust_eval,
     wilson_interval,
@@ -325,3 +326,31 @@ def test_wilson_interval_contains_the_estimate():
         assert 0 <= lo <= k / n <= hi <= 1
     lo, hi = wilson_interval(2500, 5000)
     assert hi - lo == pytest.approx(2 * 1.96 * (0.25 / 5000) ** 0.5, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_eval_is_robust_eval_with_short_keys(tmp_path):
+    model, batches = _model(), [(x, y) for x, y, _ in _batches()]
+    out = recipe_eval(model, lambda: batches, norms=("linf", "l2"), eps={"linf": 8 / 255, "l2": 0.5, "l1": 9.0},
+                      pgd_steps=3, pgd_step_size=4 / 255, autoattack_samples=0, seed=0, results=tmp_path / "s.jsonl")
+    keyed = [(x, y, [str(8 * i + j) for j in range(len(y))]) for i, (x, y) in enumerate(batches)]
+    r = robust_eval(model, keyed, protocol=P_PGD, progress=False)
+    assert out == {"clean": r.clean, "n": 24, "pgd3": r.robust["pgd3-linf-8/255"], "pgd3-l2": r.robust["pgd3-l2-0.5"]}
+    assert len(read_sample_log([tmp_path / "s.jsonl"])) == 24
+
+
+def test_recipe_eval_refuses_unknown_norms_and_a_changed_order():
+    model, batches = _model(), [(x, y) for x, y, _ in _batches()]
+    common = dict(pgd_steps=0, pgd_step_size=0.0, seed=0, results=None)
+    with pytest.raises(ValueError, match="eval norms must be some of"):
+        recipe_eval(model, lambda: batches, norms=("linf", "l3"), eps={"linf": 0.1}, autoattack_samples=0, **common)
+    calls = []
+
+    def flipping():  # the second pass (AutoAttack's) sees the samples in another order
+        calls.append(1)
+        return batches if len(calls) == 1 else [(x.flip(0), y.flip(0)) for x, y in batches[::-1]]
+
+    with pytest.raises(ValueError, match="same order on every pass"):
+        recipe_eval(model, flipping, norms=("linf",), eps={"linf": 0.1}, autoattack_samples=8, **common)

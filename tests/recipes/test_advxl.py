@@ -110,6 +110,8 @@ def _shard(path, members: dict[str, bytes]):
      ValueError, r"lack \['cls'\]"),
     (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards")), clip_text=ClipText(tower="tiny")),
      ValueError, r"lack \['cls', 'txt'\]"),
+    (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, norms=("linf", "l3"))),
+     ValueError, "eval.norms must be some of"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
     (tmp_path / "shards").mkdir()
@@ -418,3 +420,33 @@ def test_compiled_run_attacks_through_a_detached_view_and_matches_eager(tmp_path
         torch._dynamo.reset()
     assert compiled == ["Normalized", "DetachedParams"]
     assert out["finished"] and losses(tmp_path / "run") == pytest.approx(PINNED, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluation_is_float32_under_bf16_and_autoattack_takes_a_stratified_subset(tmp_path, monkeypatch):
+    seen = []  # (autocast on?, logits dtype) of every forward inside the evaluation
+
+    def recording(model, *args, **kwargs):
+        hook = model.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    real = train.recipe_eval
+    monkeypatch.setattr(train, "recipe_eval", recording)
+    cfg = tiny(tmp_path, precision="bf16")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eps=0.3, norms=("linf", "l2"), l2_eps=8.0,
+                                                            autoattack_samples=20))
+    out = train.main(cfg)
+    assert seen and set(seen) == {(False, torch.float32)}  # training ran bf16 autocast; evaluation never did
+    e = out["evals"][-1]
+    assert e["n"] == 64 and e["autoattack_n"] == 20
+    assert {"clean", "pgd3", "pgd3-l2", "autoattack", "autoattack-l2"} <= set(e)
+    full = [json.loads(line) for line in (tmp_path / "run" / "eval" / "fine.jsonl").read_text().splitlines()]
+    aa = [json.loads(line) for line in (tmp_path / "run" / "eval" / "fine-autoattack.jsonl").read_text().splitlines()]
+    assert len(full) == 64 and len(aa) == 20 and {r["key"] for r in aa} != {str(i) for i in range(20)}
+    counts = {c: sum(r["label"] == c for r in full) for c in range(10)}
+    for c, k in counts.items():  # each class keeps its share of the 20: floor or ceil of 20 * count / 64
+        assert 20 * k // 64 <= sum(r["label"] == c for r in aa) <= -(-20 * k // 64), (c, k)
+    assert {r["label"] for r in full} == set(range(10))
