@@ -11,6 +11,8 @@
   yielding :class:`Batch` es; exact mid-epoch resume with :func:`gather_loader_states` / :func:`load_loader_state`
   (one state per rank).
 - Bad data: skipped, carried with the batch as :class:`BadSample` records, counted by :class:`BadSampleBudget`.
+- Recipes: :func:`split_sources` (train/val sources from a data config), :func:`epoch_size`,
+  :func:`digits_arrays`.
 - Before training: :func:`check_sources`. In the loop: :class:`TimedIterator` (data-wait time).
 """
 
@@ -28,6 +30,7 @@ from advtrain.data._loader import (
     loader_state,
     make_loader,
 )
+from advtrain.data._recipe import digits_arrays, epoch_size, sources_from_config, split_sources
 from advtrain.data._shards import ImageSet, load_image_set, shard_paths
 from advtrain.data._sources import (
     ImageFolderSource,
@@ -67,6 +70,8 @@ __all__ = [
     "check_sources",
     "collate",
     "decode_image",
+    "digits_arrays",
+    "epoch_size",
     "expand_urls",
     "fast_decoder_available",
     "gather_loader_states",
@@ -81,6 +86,8 @@ __all__ = [
     "sample_crop_box",
     "shard_paths",
     "shuffled",
+    "sources_from_config",
+    "split_sources",
     "stable_seed",
     "train_transform",
     "val_transform",

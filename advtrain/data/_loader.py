@@ -168,16 +168,23 @@ def make_loader(
     if num_workers:
         extra = {"prefetch_factor": prefetch_factor or 2, "persistent_workers": False,
                  "multiprocessing_context": multiprocessing_context}
-    if isinstance(bound, ShardSource):
-        loader = Loader(bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, **extra)
-    else:
-        sampler = ShardedSampler(len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train,
-                                 drop_last=train)
-        loader = Loader(bound, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, drop_last=train, **extra)
+    from advtrain.training import quiet_set_vital  # torchdata's deprecation warning on every construction
+
+    with quiet_set_vital():
+        loader = _build(bound, batch_size=batch_size, seed=seed, rank=rank, world=world, num_workers=num_workers,
+                        train=train, pin_memory=pin_memory, extra=extra)
     loader.rank, loader.world = rank, world
     return loader
+
+
+def _build(bound, *, batch_size, seed, rank, world, num_workers, train, pin_memory, extra) -> Loader:
+    if isinstance(bound, ShardSource):
+        return Loader(bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, **extra)
+    sampler = ShardedSampler(len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train,
+                             drop_last=train)
+    return Loader(bound, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                  pin_memory=pin_memory, drop_last=train, **extra)
 
 
 def loader_state(loader: Loader) -> dict:
