@@ -74,8 +74,9 @@ def split_sources(
         seed: digits' split permutation.
         in_memory: ``wds`` from a folder: decode both splits into memory (:func:`load_image_set`), small sets.
         resampled: training shards drawn with replacement (:class:`ShardSource`).
-        labels, captions: read ``cls`` / ``txt`` (image-text shards without ``cls``: ``labels=False,
-            captions=True``); validation reads both when ``captions`` (a zero-shot evaluation needs the labels).
+        labels, captions: the training split reads ``cls`` / ``txt`` (image-text shards without ``cls``:
+            ``labels=False, captions=True``; digits get "a photo of the digit k." captions); validation always reads
+            the labels only (a zero-shot evaluation classifies).
         num_classes: labels outside ``[0, num_classes)`` are bad samples.
         shuffle_buffer: the training shards' in-shard shuffle buffer (samples).
 
@@ -88,7 +89,8 @@ def split_sources(
     """
     if kind == "digits":
         xt, yt, xv, yv = digits_arrays(seed)
-        return (TensorSource(xt, yt, transform=train_transform, name="digits-train"),
+        caps = [f"a photo of the digit {int(c)}." for c in yt] if captions else None
+        return (TensorSource(xt, yt, caps, transform=train_transform, name="digits-train"),
                 TensorSource(xv, yv, transform=val_transform, name="digits-val"))
     if kind not in KINDS:
         raise ValueError(f"data.kind must be one of {KINDS}; got {kind!r}")
@@ -117,8 +119,7 @@ def split_sources(
     common = {"num_classes": num_classes}
     train = ShardSource(tr_spec, split=tr_split, transform=train_transform, labels=labels, captions=captions,
                         resampled=resampled, shuffle_buffer=shuffle_buffer, **common)
-    val = ShardSource(va_spec, split=va_split, transform=val_transform, labels=labels or captions,
-                      captions=captions, epochs=1, shuffle_shards=False, shuffle_buffer=0, **common)
+    val = ShardSource(va_spec, split=va_split, transform=val_transform, epochs=1, shuffle_shards=False, shuffle_buffer=0, **common)
     return train, val
 
 

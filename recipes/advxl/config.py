@@ -95,7 +95,9 @@ class Augment:
     mixup: float = 0.8  # MixUp alpha; 0: off
     cutmix: float = 1.0  # CutMix alpha; 0: off
     label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop scale; (1, 1): no crop
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fractions of the original image
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios w / h (timm)
+    interpolation: str = "bicubic"  # crop / evaluation resize filter: bilinear, bicubic, lanczos, nearest
     hflip: bool = True
 
 
@@ -103,13 +105,18 @@ class Augment:
 class Data:
     kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
     #                            wds: WebDataset shards (image + cls [+ txt])
-    path: str | None = None  # root folder (folder: holds train/ and val/; wds: holds manifest.json or *.tar*)
+    path: str | None = None  # folder: holds train/ and val/; wds: a folder with manifest.json (or <split>-*.tar*),
+    #                          or a brace pattern / pipe: / http(s) URL list of the training shards
+    val_path: str | None = None  # wds with a pattern/URL path: the validation shards
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 256  # global batch (split over ranks)
     num_workers: int = 4
     val_samples: int | None = None  # evaluate on at most this many validation samples
     in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
+    crop_pct: float = 0.875  # evaluation: shorter side to size / crop_pct, center crop (timm)
+    resampled: bool = False  # wds: draw training shards with replacement
+    bad_sample_budget: float = 0.001  # stop the run once this fraction of the samples read is bad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +225,7 @@ def embedded() -> TrainConfig:
         optim=Optim(lr=3e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
         augment=Augment(randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(0.7, 1.0),
                         hflip=False),
-        data=Data(kind="digits", batch_size=64, num_workers=0),
+        data=Data(kind="digits", crop_pct=1.0, batch_size=64, num_workers=0),
         stages=(
             Stage(name="coarse", samples=36_000, img_size=16, reducer="resize",
                   attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=2_000, eps_warmup_samples=12_000),
@@ -253,8 +260,8 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
                     std=(0.2471, 0.2435, 0.2616)),
         optim=Optim(lr=1e-3, weight_decay=0.05),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, crop_scale=(0.6, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", batch_size=256, num_workers=8,
-                  in_memory=True),
+        data=Data(kind="wds", path=path, train_split="train", val_split="test", crop_pct=1.0, batch_size=256,
+                  num_workers=8, in_memory=True),
         stages=(
             Stage(name="coarse", samples=2_000_000, img_size=16, reducer="resize",
                   attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=100_000),
