@@ -30,7 +30,17 @@ from advtrain.data._loader import (
     loader_state,
     make_loader,
 )
-from advtrain.data._recipe import digits_arrays, epoch_size, sources_from_config, split_sources
+from advtrain.data._recipe import (
+    AugmentConfig,
+    DataConfig,
+    check_run_sources,
+    class_names,
+    digits_arrays,
+    epoch_size,
+    eval_subset,
+    sources_from_config,
+    split_sources,
+)
 from advtrain.data._shards import ImageSet, load_image_set, shard_paths
 from advtrain.data._sources import (
     ImageFolderSource,
@@ -54,10 +64,12 @@ from advtrain.data._webdataset import (
 )
 
 __all__ = [
+    "AugmentConfig",
     "BadSample",
     "BadSampleBudget",
     "BadSampleError",
     "Batch",
+    "DataConfig",
     "ImageFolderSource",
     "ImageSet",
     "Loader",
@@ -67,11 +79,14 @@ __all__ = [
     "ShardedSampler",
     "TensorSource",
     "TimedIterator",
+    "check_run_sources",
+    "class_names",
     "check_sources",
     "collate",
     "decode_image",
     "digits_arrays",
     "epoch_size",
+    "eval_subset",
     "expand_urls",
     "fast_decoder_available",
     "gather_loader_states",

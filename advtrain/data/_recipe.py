@@ -7,6 +7,7 @@ once instead of in each ``train.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,40 @@ from advtrain.data._shards import load_image_set
 from advtrain.data._sources import ImageFolderSource, ShardSource, TensorSource, Transform
 
 KINDS = ("digits", "folder", "wds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The ``data`` config fields :func:`sources_from_config` reads; the recipes' ``Data`` sections extend it."""
+
+    kind: str = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders; wds: shards
+    path: str | None = None  # folder: holds train/ and val/; wds: a folder with manifest.json (or <split>-*.tar*),
+    #                          or a brace pattern / pipe: / http(s) URL list of the training shards
+    val_path: str | None = None  # wds with a pattern/URL path: the validation shards
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 256  # images per step, global (split over ranks)
+    num_workers: int = 4  # DataLoader workers per rank
+    val_samples: int | None = None  # evaluate on at most this many validation images
+    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
+    crop_pct: float = 0.875  # evaluation: shorter side to size / crop_pct, center crop (timm)
+    resampled: bool = False  # wds: draw training shards with replacement
+    bad_sample_budget: float = 0.001  # stop the run once this fraction of the samples read is bad
+
+    def __post_init__(self):
+        if not 0 < self.crop_pct <= 1 or not 0 <= self.bad_sample_budget <= 1:
+            raise ValueError(f"need 0 < data.crop_pct <= 1 and 0 <= data.bad_sample_budget <= 1; got "
+                             f"{self.crop_pct}, {self.bad_sample_budget}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """The ``augment`` fields of the standard training crop (timm's defaults); the recipes' sections extend it."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fractions of the original image
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios w / h
+    interpolation: str = "bicubic"  # crop / evaluation resize filter: bilinear, bicubic, lanczos, nearest
+    hflip: bool = True  # horizontal flip with probability 0.5
 
 
 def digits_arrays(seed: int = 0, *, size: int = 32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -119,7 +154,8 @@ def split_sources(
     common = {"num_classes": num_classes}
     train = ShardSource(tr_spec, split=tr_split, transform=train_transform, labels=labels, captions=captions,
                         resampled=resampled, shuffle_buffer=shuffle_buffer, **common)
-    val = ShardSource(va_spec, split=va_split, transform=val_transform, epochs=1, shuffle_shards=False, shuffle_buffer=0, **common)
+    val = ShardSource(va_spec, split=va_split, transform=val_transform, epochs=1, shuffle_shards=False,
+                      shuffle_buffer=0, **common)
     return train, val
 
 
@@ -151,3 +187,67 @@ def sources_from_config(data, augment, *, size: int, seed: int, randaugment: str
                          val_path=data.val_path, train_transform=tt, val_transform=vt, seed=seed,
                          in_memory=data.in_memory, resampled=data.resampled, labels=labels, captions=captions,
                          num_classes=num_classes)
+
+
+def check_run_sources(train, val, *, world: int, num_workers: int, batch_size: int,
+                      epoch: int | None = None, val_samples: int | None = None, need_epoch: bool = False,
+                      need_val_samples: bool = False) -> None:
+    """:func:`advtrain.data.check_sources` on a run's two splits, plus what a recipe's schedule needs of them.
+
+    Args:
+        train, val: the sources (:func:`split_sources`).
+        world, num_workers: the run's ranks and workers per rank (every reader needs a shard).
+        batch_size: the global batch (a map-style training split must hold one).
+        epoch: ``data.train_size`` (an explicit epoch size), if any.
+        val_samples: ``data.val_samples``.
+        need_val_samples: a streamed validation split needs ``val_samples`` (the evaluation indexes a fixed subset).
+        need_epoch: the schedule counts epochs: streamed shards need a manifest count or ``epoch``.
+
+    Raises:
+        ValueError: every problem :func:`check_sources` finds, or a missing size.
+    """
+    from advtrain.data._checks import check_sources
+
+    check_sources({"train": train, "val": val}, world=world, num_workers=num_workers,
+                  batch_size=max(1, batch_size // world))
+    if need_epoch and epoch_size(train, epoch) is None:
+        raise ValueError("streamed shards without a manifest count: set data.train_size (images per epoch)")
+    if need_val_samples and isinstance(val, ShardSource) and val_samples is None:
+        raise ValueError("streaming validation data needs data.val_samples")
+
+
+def class_names(data, *, num_classes: int) -> list[str]:
+    """Class names of a ``data`` section's split: digits 0-9, a shard manifest's ``class_names`` (else the indices
+    as strings), or the class folder names (sorted, as their indices)."""
+    import json
+
+    if data.kind == "digits":
+        return [str(i) for i in range(10)]
+    if data.kind == "wds":
+        manifest = Path(data.path) / "manifest.json" if _is_folder(data.path) else None
+        names = json.loads(manifest.read_text()).get("class_names") if manifest and manifest.exists() else None
+        return list(names) if names else [str(i) for i in range(num_classes)]
+    return sorted(p.name for p in (Path(data.path) / data.train_split).iterdir() if p.is_dir())
+
+
+def eval_subset(source, k: int | None, *, seed: int) -> tuple[list[Tensor], list[int]]:
+    """A fixed evaluation subset as (uint8 images, int labels): ``k`` seeded indices of a map-style source (all
+    of it when ``k`` is None or covers it), or the first ``k`` samples of a stream (its order is fixed by ``seed``).
+
+    Raises:
+        ValueError: a stream with ``k`` None (its size is unknown).
+    """
+    if isinstance(source, ShardSource):
+        if k is None:
+            raise ValueError("a fixed subset of a streamed split needs a sample count")
+        items = []
+        for s in source.bind(seed=seed):
+            items.append(s)
+            if len(items) >= k:
+                break
+    else:
+        n = len(source)
+        idx = range(n) if k is None or k >= n else sorted(
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+        items = [source[i] for i in idx]
+    return [s.image for s in items], [int(s.label) for s in items]

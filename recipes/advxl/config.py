@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advtrain.data import AugmentConfig, DataConfig
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
 
@@ -90,33 +91,18 @@ class Optim:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Augment:
+class Augment(AugmentConfig):  # + crop_ratio, interpolation, hflip (advtrain.data.AugmentConfig)
     randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment config string; None: off
     mixup: float = 0.8  # MixUp alpha; 0: off
     cutmix: float = 1.0  # CutMix alpha; 0: off
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fractions of the original image
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios w / h (timm)
-    interpolation: str = "bicubic"  # crop / evaluation resize filter: bilinear, bicubic, lanczos, nearest
-    hflip: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
-class Data:
+class Data(DataConfig):  # path, val_path, splits, batch_size, num_workers, ... (advtrain.data.DataConfig)
     kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
-    #                            wds: WebDataset shards (image + cls [+ txt])
-    path: str | None = None  # folder: holds train/ and val/; wds: a folder with manifest.json (or <split>-*.tar*),
-    #                          or a brace pattern / pipe: / http(s) URL list of the training shards
-    val_path: str | None = None  # wds with a pattern/URL path: the validation shards
-    train_split: str = "train"
-    val_split: str = "val"
-    batch_size: int = 256  # global batch (split over ranks)
-    num_workers: int = 4
-    val_samples: int | None = None  # evaluate on at most this many validation samples
-    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
-    crop_pct: float = 0.875  # evaluation: shorter side to size / crop_pct, center crop (timm)
-    resampled: bool = False  # wds: draw training shards with replacement
-    bad_sample_budget: float = 0.001  # stop the run once this fraction of the samples read is bad
+    #                            wds: WebDataset shards (image + cls, or image + txt in CLIP-text mode)
 
 
 @dataclass(frozen=True, kw_only=True)

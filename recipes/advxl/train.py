@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from advtrain import pgd
 from advtrain.attacks import detach_params
-from advtrain.data import BadSampleBudget, check_sources, make_loader, sources_from_config
+from advtrain.data import BadSampleBudget, check_run_sources, class_names, make_loader, sources_from_config
 from advtrain.eval import autoattack, evaluate, format_resolution_table, plot_resolution, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
@@ -57,18 +57,6 @@ def stage_loader(cfg: TrainConfig, dd: Dist, size: int, state: dict | None = Non
     if state is not None:
         loader.load_state_dict(state)
     return loader
-
-
-def class_names(cfg: TrainConfig) -> list[str]:
-    d = cfg.data
-    if d.kind == "digits":
-        return [str(i) for i in range(10)]
-    if d.kind == "wds":
-        manifest = Path(d.path) / "manifest.json"
-        if manifest.exists():
-            return list(json.loads(manifest.read_text()).get("class_names", []))
-        return [str(i) for i in range(cfg.model.num_classes)]
-    return sorted(p.name for p in (Path(d.path) / d.train_split).iterdir() if p.is_dir())
 
 
 # ================================================================================================ model
@@ -329,7 +317,6 @@ def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, tex
                                 device=dd.device, progress=dd.main and interactive())
 
 
-
 # ================================================================================================ validation
 
 
@@ -349,9 +336,8 @@ def validate(cfg: TrainConfig) -> None:
     d, world = cfg.data, int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.clip_text and d.kind == "folder":
         raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
-    train, val = build_sources(cfg, cfg.stages[0].img_size)
-    check_sources({"train": train, "val": val}, world=world, num_workers=d.num_workers,
-                  batch_size=d.batch_size // world)
+    check_run_sources(*build_sources(cfg, cfg.stages[0].img_size), world=world, num_workers=d.num_workers,
+                      batch_size=d.batch_size)
     init = cfg.model.init
     if init and not init.startswith("timm:") and not Path(init).exists():
         raise FileNotFoundError(f"model.init {init!r} does not exist")
@@ -410,21 +396,20 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(raw, decay=cfg.optim.ema_decay)
-    full = max(s.img_size for s in cfg.stages)
-    val_ds = build_sources(cfg, full)[1]
+    val_ds = build_sources(cfg, max(s.img_size for s in cfg.stages))[1]  # evaluated at the full size
     state = run.resume()
     size = cfg.stages[locate(cfg, min(state["samples_seen"], cfg.total_samples - 1) if state else 0)[0]].img_size
     loader, budget = stage_loader(cfg, dd, size), BadSampleBudget(max_fraction=cfg.data.bad_sample_budget)
-    objects, per_rank = {"model": raw, "optim": opt, "ema": ema, "loader": loader, "budget": budget}, ("loader", "budget")
+    objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader, "budget": budget}
     if state is not None:
-        restore_training_state(state, objects, dd, per_rank=per_rank)
+        restore_training_state(state, objects, dd)
     elif cfg.model.init:
         load_init_weights(cfg, raw, log)
     samples, step, evals = (state["samples_seen"], state["step"], json.loads(state["evals"])) if state else (0, 0, [])
     timer = StepTimer(dd.device, state)
 
     def checkpoint() -> Path | None:  # every rank: the loader and RNG states are gathered from all of them
-        st = training_state(objects, dd, per_rank=per_rank, samples_seen=samples, step=step, stage=locate(cfg, samples)[0],
+        st = training_state(objects, dd, samples_seen=samples, step=step, stage=locate(cfg, samples)[0],
                             evals=json.dumps(evals), **timer.state())
         return save_checkpoint(run.path, st, keep=cfg.run.keep_checkpoints) if dd.main else None
 
@@ -442,7 +427,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                        num_classes=cfg.model.num_classes)
     sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
         if dd.main else ()
-    metrics, names = run.metrics(sinks=sinks), class_names(cfg)
+    metrics, names = run.metrics(sinks=sinks), class_names(cfg.data, num_classes=cfg.model.num_classes)
     total, batch = cfg.total_samples, cfg.data.batch_size
     bar = Progress(total=total, initial=samples, unit="img", desc="advxl", dd=dd, every=cfg.run.log_every, log=log)
     batches, ckpt_due, finished = cycle(loader), Every(cfg.run.checkpoint_every, start=samples), True

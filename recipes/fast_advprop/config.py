@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advtrain.data import AugmentConfig, DataConfig
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
 
@@ -105,34 +106,18 @@ class Optim:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Augment:
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fractions of the original (timm)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios w / h (timm)
-    interpolation: str = "bicubic"  # crop / evaluation resize filter: bilinear, bicubic, lanczos, nearest
-    hflip: bool = True
+class Augment(AugmentConfig):  # + crop_scale, crop_ratio, interpolation, hflip (advtrain.data.AugmentConfig)
     mixup: float = 0.0  # MixUp alpha on the clean images only; 0: off
     cutmix: float = 0.0  # CutMix alpha on the clean images only; 0: off
     label_smoothing: float = 0.0  # every pass's training loss
 
 
 @dataclass(frozen=True, kw_only=True)
-class Data:
+class Data(DataConfig):  # path, val_path, splits, batch_size, num_workers, ... (advtrain.data.DataConfig)
     kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
     #                            wds: WebDataset shards (image + cls)
-    path: str | None = None  # folder: holds train/ and val/; wds: a folder with manifest.json (or <split>-*.tar*),
-    #                          or a brace pattern / pipe: / http(s) URL list of the training shards
-    val_path: str | None = None  # wds with a pattern/URL path: the validation shards
-    train_split: str = "train"
-    val_split: str = "val"
     img_size: int = 224  # px, training and evaluation
-    crop_pct: float = 0.875  # evaluation: shorter side to img_size / crop_pct, center crop (timm)
-    batch_size: int = 256  # images loaded per step, global; fast_advprop attacks the last p_adv of them
-    num_workers: int = 4
-    val_samples: int | None = None  # clean and PGD evaluation on at most this many validation images
-    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
     train_size: int | None = None  # images per epoch (default: the dataset's length or its manifest count)
-    resampled: bool = False  # wds: draw training shards with replacement
-    bad_sample_budget: float = 0.001  # stop the run once this fraction of the samples read is bad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,8 +310,8 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
         adv=Adv(p_adv=0.2, bn_groups=2),
         optim=Optim(lr=0.1, weight_decay=5e-4),
         augment=Augment(crop_scale=(0.35, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", img_size=32, crop_pct=1.0, batch_size=160,
-                  num_workers=8, in_memory=True),
+        data=Data(kind="wds", path=path, train_split="train", val_split="test", img_size=32, crop_pct=1.0,
+                  batch_size=160, num_workers=8, in_memory=True),
         eval=Eval(corruption_samples=2000),
         run=Run(out_dir="runs/fast_advprop-cifar10", checkpoint_every=1_000_000),
     )

@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from advtrain import pgd, project
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
-from advtrain.data import BadSampleBudget, ShardSource, check_sources, epoch_size, make_loader, sources_from_config
+from advtrain.data import (BadSampleBudget, ShardSource, check_run_sources, epoch_size, eval_subset, make_loader,
+                           sources_from_config)
 from advtrain.eval import corruption_errors, evaluate
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
@@ -105,7 +106,6 @@ def build_model(cfg: TrainConfig) -> Normalized:
     routes through the main BNs (its auxiliary ones stay untouched and out of the update: no gradient).
     """
     return Normalized(convert_split_bn_(create_model(cfg)), cfg.model.mean, cfg.model.std)
-
 
 
 # ================================================================================================ the step
@@ -284,26 +284,9 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     return out
 
 
-def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]]:
-    """The validation images the corruption evaluation uses: a fixed seeded subset of ``eval.corruption_samples``."""
-    k = cfg.eval.corruption_samples
-    if isinstance(val_ds, ShardSource):
-        items = []
-        for smp in val_ds.bind(seed=cfg.run.seed):  # the stream's first k images
-            items.append((smp.image, int(smp.label)))
-            if len(items) >= k:
-                break
-    else:
-        n = len(val_ds)
-        idx = range(n) if k is None or k >= n else sorted(
-            torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed))[:k].tolist())
-        items = [(val_ds[i].image, int(val_ds[i].label)) for i in idx]
-    return [x for x, _ in items], [y for _, y in items]
-
-
 def corruption_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist) -> dict:
     """Top-1 error under every (corruption, severity) and their mean (advtrain.eval.corruption_errors)."""
-    images, labels = corruption_images(cfg, val_ds)
+    images, labels = eval_subset(val_ds, cfg.eval.corruption_samples, seed=cfg.run.seed)  # a fixed subset
     with autocast(cfg.run.precision, dd.device):
         return corruption_errors(raw, images, labels, corruptions=cfg.eval.corruptions, severities=cfg.eval.severities,
                                  seed=cfg.run.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -330,14 +313,11 @@ def validate(cfg: TrainConfig) -> None:
             convert_split_bn_(inner)
         except TypeError as err:
             raise ValueError(f"{cfg.model.name}: {err}") from None
-    d, world = cfg.data, int(os.environ.get("WORLD_SIZE", "1"))
+    d = cfg.data
     train, val = build_sources(cfg)
-    check_sources({"train": train, "val": val}, world=world, num_workers=d.num_workers,
-                  batch_size=d.batch_size // world)
-    if epoch_size(train, d.train_size) is None:
-        raise ValueError("streamed shards without a manifest count: set data.train_size (images per epoch)")
-    if isinstance(val, ShardSource) and d.val_samples is None:
-        raise ValueError("streaming validation data needs data.val_samples")
+    check_run_sources(train, val, world=int(os.environ.get("WORLD_SIZE", "1")), num_workers=d.num_workers,
+                      batch_size=d.batch_size, epoch=d.train_size, val_samples=d.val_samples, need_epoch=True,
+                      need_val_samples=True)
     if isinstance(val, ShardSource) and cfg.eval.corruptions and cfg.eval.corruption_samples is None:
         raise ValueError("streaming validation data needs eval.corruption_samples for the corruptions")
     if cfg.eval.corruptions:
@@ -403,7 +383,6 @@ def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ================================================================================================ main
 
 
@@ -439,15 +418,15 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     loader = make_loader(train_ds, batch_size=batch // dd.world, seed=cfg.run.seed, rank=dd.rank, world=dd.world,
                          num_workers=cfg.data.num_workers, pin_memory=dd.device.type == "cuda")
     budget = BadSampleBudget(max_fraction=cfg.data.bad_sample_budget)
-    objects, per_rank = {"model": raw, "optim": opt, "loader": loader, "budget": budget}, ("loader", "budget")
+    objects = {"model": raw, "optim": opt, "loader": loader, "budget": budget}
     state = run.resume()
     if state is not None:
-        restore_training_state(state, objects, dd, per_rank=per_rank)
+        restore_training_state(state, objects, dd)
     step, evals = (state["step"], json.loads(state["evals"])) if state else (0, [])
     timer = StepTimer(dd.device, state)
 
     def checkpoint() -> Path | None:  # every rank: the loader and RNG states are gathered from all of them
-        st = training_state(objects, dd, per_rank=per_rank, samples_seen=step * batch, step=step, evals=json.dumps(evals), **timer.state())
+        st = training_state(objects, dd, samples_seen=step * batch, step=step, evals=json.dumps(evals), **timer.state())
         return save_checkpoint(run.path, st, keep=cfg.run.keep_checkpoints) if dd.main else None
 
     if state is None:
