@@ -13,7 +13,8 @@
 - Bad data: skipped, carried with the batch as :class:`BadSample` records, counted by :class:`BadSampleBudget`.
 - Recipes: :func:`split_sources` (train/val sources from a data config), :func:`epoch_size`,
   :func:`digits_arrays`.
-- Before training: :func:`check_sources`. In the loop: :class:`TimedIterator` (data-wait time).
+- Before training: :func:`check_sources`. In the loop: ``advtrain.training.StepTimer`` times the data wait and
+  end-to-end img/s.
 """
 
 from advtrain.data._bad import BadSample, BadSampleBudget, BadSampleError
@@ -23,7 +24,6 @@ from advtrain.data._loader import (
     Batch,
     Loader,
     ShardedSampler,
-    TimedIterator,
     collate,
     gather_loader_states,
     load_loader_state,
@@ -78,7 +78,6 @@ __all__ = [
     "ShardSource",
     "ShardedSampler",
     "TensorSource",
-    "TimedIterator",
     "check_run_sources",
     "class_names",
     "check_sources",

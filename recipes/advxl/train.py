@@ -50,7 +50,8 @@ def build_sources(cfg: TrainConfig, size: int) -> tuple:
 
 
 def stage_loader(cfg: TrainConfig, dd: Dist, size: int, state: dict | None = None):
-    """The training loader of a stage's image size; ``state``: the previous loader's (same batch and workers)."""
+    """The training loader of a stage's image size, continuing ``state`` (the previous stage's loader: same batch
+    and workers, so the sample stream goes on exactly); a resumed run builds its stage's loader and restores it."""
     loader = make_loader(build_sources(cfg, size)[0], batch_size=cfg.data.batch_size // dd.world, seed=cfg.run.seed,
                          rank=dd.rank, world=dd.world, num_workers=cfg.data.num_workers,
                          pin_memory=dd.device.type == "cuda")
