@@ -46,7 +46,7 @@ def build_sources(cfg: TrainConfig, size: int) -> tuple:
     text = cfg.clip_text is not None
     return sources_from_config(cfg.data, cfg.augment, size=size, seed=cfg.run.seed,
                                randaugment=cfg.augment.randaugment, labels=not text, captions=text,
-                               num_classes=cfg.model.num_classes)
+                               num_classes=None if text else cfg.model.num_classes)
 
 
 def stage_loader(cfg: TrainConfig, dd: Dist, size: int, state: dict | None = None):

@@ -281,6 +281,33 @@ def test_clip_text_mode_trains_and_evaluates_through_the_text_classifier(tmp_pat
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
 
 
+def test_clip_text_mode_reads_image_text_shards_without_labels(tmp_path):
+    from PIL import Image
+
+    def jpeg(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 36), (20 * i % 256, 90, 100)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    for split in ("train", "val"):
+        for s in range(2):
+            members = {}
+            for i in range(32):
+                members[f"{split}{s}_{i:03d}.jpg"] = jpeg(i)
+                if split == "train":  # img2dataset-style: image + caption, no class
+                    members[f"{split}{s}_{i:03d}.txt"] = f"a photo of the digit {i % 10}.".encode()
+                else:
+                    members[f"{split}{s}_{i:03d}.cls"] = str(i % 10).encode()
+            _shard(tmp_path / f"{split}-{s:04d}.tar.gz", members)
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
+                              model=dataclasses.replace(cfg.model, num_classes=32),
+                              data=Data(kind="wds", path=str(tmp_path), batch_size=32, num_workers=0, val_samples=32),
+                              eval=dataclasses.replace(cfg.eval, resolutions=()))
+    out = train.main(cfg)
+    assert out["finished"] and all(0 <= e["clean"] <= 1 for e in out["evals"])
+
+
 @pytest.mark.slow
 def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
     cfg = tiny(tmp_path)
