@@ -167,7 +167,9 @@ def make_loader(
     if num_workers:
         extra = {"prefetch_factor": prefetch_factor or 2, "persistent_workers": False,
                  "multiprocessing_context": multiprocessing_context}
-    from advtrain.training import quiet_set_vital  # torchdata's deprecation warning on every construction
+    from advtrain.training import (
+        quiet_set_vital,  # torchdata's deprecation warning on every construction
+    )
 
     with quiet_set_vital():
         loader = _build(bound, batch_size=batch_size, seed=seed, rank=rank, world=world, num_workers=num_workers,

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from advtrain.data._shards import load_image_set
-from advtrain.data._sources import ImageFolderSource, ShardSource, TensorSource, Transform
+from advtrain.data._sources import (
+    ImageFolderSource,
+    ShardSource,
+    TensorSource,
+    Transform,
+)
 
 KINDS = ("digits", "folder", "wds")
 
