@@ -16,7 +16,6 @@ import torch
 from advtrain.data import (
     BadSampleBudget,
     ShardSource,
-    TimedIterator,
     check_sources,
     gather_loader_states,
     load_loader_state,
@@ -24,6 +23,7 @@ from advtrain.data import (
     train_transform,
     val_transform,
 )
+from advtrain.training import StepTimer, cycle
 
 
 def main(spec: str, steps: int = 20) -> None:
@@ -35,13 +35,14 @@ def main(spec: str, steps: int = 20) -> None:
 
     loader = make_loader(train, batch_size=64, seed=0, num_workers=2)
     budget = BadSampleBudget()  # stops the run past 0.1% bad samples, naming the worst shards
-    it = TimedIterator(loader)
+    timer, batches = StepTimer(torch.device("cpu")), cycle(loader)
     for step in range(steps):
-        batch = next(it)
+        batch = timer.next(batches)  # times the wait for data
         budget.update(batch.bad, good=len(batch.keys))
         x = batch.images.float().div(255)  # (B, 3, 112, 112) in [0, 1]; the model normalizes
+        timer.done(len(batch.keys))
         if step % 10 == 9:
-            print({"step": step + 1, **it.pop(), **budget.metrics(), "mean": round(float(x.mean()), 3)})
+            print({"step": step + 1, **timer.window(), **budget.metrics(), "mean": round(float(x.mean()), 3)})
     states = gather_loader_states(loader)  # every rank's state; rank 0 saves the list in its checkpoint
     resumed = make_loader(train, batch_size=64, seed=0, num_workers=2)
     load_loader_state(resumed, states)  # continues with the sample after the last one above

@@ -11,7 +11,10 @@
   yielding :class:`Batch` es; exact mid-epoch resume with :func:`gather_loader_states` / :func:`load_loader_state`
   (one state per rank).
 - Bad data: skipped, carried with the batch as :class:`BadSample` records, counted by :class:`BadSampleBudget`.
-- Before training: :func:`check_sources`. In the loop: :class:`TimedIterator` (data-wait time).
+- Recipes: :func:`split_sources` (train/val sources from a data config), :func:`epoch_size`,
+  :func:`digits_arrays`.
+- Before training: :func:`check_sources`. In the loop: ``advtrain.training.StepTimer`` times the data wait and
+  end-to-end img/s.
 """
 
 from advtrain.data._bad import BadSample, BadSampleBudget, BadSampleError
@@ -21,12 +24,22 @@ from advtrain.data._loader import (
     Batch,
     Loader,
     ShardedSampler,
-    TimedIterator,
     collate,
     gather_loader_states,
     load_loader_state,
     loader_state,
     make_loader,
+)
+from advtrain.data._recipe import (
+    AugmentConfig,
+    DataConfig,
+    check_run_sources,
+    class_names,
+    digits_arrays,
+    epoch_size,
+    eval_subset,
+    sources_from_config,
+    split_sources,
 )
 from advtrain.data._shards import ImageSet, load_image_set, shard_paths
 from advtrain.data._sources import (
@@ -51,10 +64,12 @@ from advtrain.data._webdataset import (
 )
 
 __all__ = [
+    "AugmentConfig",
     "BadSample",
     "BadSampleBudget",
     "BadSampleError",
     "Batch",
+    "DataConfig",
     "ImageFolderSource",
     "ImageSet",
     "Loader",
@@ -63,10 +78,14 @@ __all__ = [
     "ShardSource",
     "ShardedSampler",
     "TensorSource",
-    "TimedIterator",
+    "check_run_sources",
     "check_sources",
+    "class_names",
     "collate",
     "decode_image",
+    "digits_arrays",
+    "epoch_size",
+    "eval_subset",
     "expand_urls",
     "fast_decoder_available",
     "gather_loader_states",
@@ -81,6 +100,8 @@ __all__ = [
     "sample_crop_box",
     "shard_paths",
     "shuffled",
+    "sources_from_config",
+    "split_sources",
     "stable_seed",
     "train_transform",
     "val_transform",

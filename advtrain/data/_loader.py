@@ -9,8 +9,7 @@ own (:func:`load_loader_state`).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -168,16 +167,25 @@ def make_loader(
     if num_workers:
         extra = {"prefetch_factor": prefetch_factor or 2, "persistent_workers": False,
                  "multiprocessing_context": multiprocessing_context}
-    if isinstance(bound, ShardSource):
-        loader = Loader(bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, **extra)
-    else:
-        sampler = ShardedSampler(len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train,
-                                 drop_last=train)
-        loader = Loader(bound, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, drop_last=train, **extra)
+    from advtrain.training import (
+        quiet_set_vital,  # torchdata's deprecation warning on every construction
+    )
+
+    with quiet_set_vital():
+        loader = _build(bound, batch_size=batch_size, seed=seed, rank=rank, world=world, num_workers=num_workers,
+                        train=train, pin_memory=pin_memory, extra=extra)
     loader.rank, loader.world = rank, world
     return loader
+
+
+def _build(bound, *, batch_size, seed, rank, world, num_workers, train, pin_memory, extra) -> Loader:
+    if isinstance(bound, ShardSource):
+        return Loader(bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, **extra)
+    sampler = ShardedSampler(len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train,
+                             drop_last=train)
+    return Loader(bound, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                  pin_memory=pin_memory, drop_last=train, **extra)
 
 
 def loader_state(loader: Loader) -> dict:
@@ -225,36 +233,3 @@ def load_loader_state(loader: Loader, states: list[dict] | dict) -> None:
             raise ValueError(f"the saved loader state has {k}={st[k]}, this loader {k}={have}: resume with the same "
                              f"layout")
     loader.load_state_dict(st["loader"])
-
-
-class TimedIterator:
-    """Wraps a loader's iterator and times each ``next()``: the time the training loop waited for data.
-
-    ``pop()`` returns ``{"data_wait_s": seconds waited, "batches": n, "samples": images}`` since the last call
-    and resets them; log it with the step time to get the data-wait share and end-to-end img/s.
-
-    Example:
-        >>> it = TimedIterator([[1, 2], [3]])
-        >>> next(it), next(it), it.pop()["batches"]
-        ([1, 2], [3], 2)
-    """
-
-    def __init__(self, loader: Iterable):
-        self._it = iter(loader)
-        self.wait_s, self.batches, self.samples = 0.0, 0, 0
-
-    def __iter__(self) -> TimedIterator:
-        return self
-
-    def __next__(self):
-        t0 = time.perf_counter()
-        batch = next(self._it)
-        self.wait_s += time.perf_counter() - t0
-        self.batches += 1
-        self.samples += len(batch.keys) if isinstance(batch, Batch) else len(batch)
-        return batch
-
-    def pop(self) -> dict:
-        out = {"data_wait_s": self.wait_s, "batches": self.batches, "samples": self.samples}
-        self.wait_s, self.batches, self.samples = 0.0, 0, 0
-        return out

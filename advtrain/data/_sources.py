@@ -340,7 +340,7 @@ class ShardSource(IterableDataset):
                     raise ValueError(f"{len(self.urls)} shards cannot feed {self.readers(nw)} readers (ranks x "
                                      f"workers): use fewer workers, more shards, or resampled=True")
                 return  # a finite pass (evaluation): this reader has nothing to read
-            good = 0
+            good, whole = 0, self.state["shard"] == 0 and self.state["sample"] == 0  # not a resumed tail
             while self.state["shard"] < len(mine):
                 pos = self.state["shard"]
                 for s in self._read(mine[pos], epoch, pos, pending):
@@ -352,7 +352,7 @@ class ShardSource(IterableDataset):
             if pending and self.epochs is not None and self.state["epoch"] >= self.epochs:
                 for r in pending:  # the end of a finite pass: no later sample carries these to a batch
                     log.warning("skipped bad data (%s) in %s %r: %s", r.kind, r.url, r.key, r.message)
-            if good == 0 and self.epochs is None:
+            if good == 0 and whole and self.epochs is None:
                 raise RuntimeError(f"reader {self.rank}/{wid} read no usable sample in a whole epoch of "
                                    f"{len(mine)} shards ({mine[:3]} ...): {pending[:3]}")
 

@@ -76,10 +76,12 @@ def load_latest_checkpoint(run_dir: str | Path, log: Callable[[str], None]) -> d
     return None
 
 
-def training_state(objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ...] = ("loader",), **extra: Any) -> dict:
+def training_state(objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ...] = ("loader", "budget"),
+                   **extra: Any) -> dict:
     """A checkpoint's content: each object's ``state_dict()``, and every rank's own entries and RNG states.
 
-    ``objects`` named in ``per_rank`` (data loaders: each rank reads its own shards) and the global RNG states
+    ``objects`` named in ``per_rank`` (data loaders: each rank reads its own shards; bad-sample budgets: each
+    rank counts its own) and the global RNG states
     are gathered from every rank into ``state["ranks"]``, a list indexed by rank; the rest (model, optimizer,
     EMA: the same on every rank) are rank 0's. A collective: every rank calls it.
 
@@ -98,7 +100,7 @@ def training_state(objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ..
 
 
 def restore_training_state(state: dict, objects: dict[str, Any], dd: Dist, *,
-                           per_rank: tuple[str, ...] = ("loader",)) -> None:
+                           per_rank: tuple[str, ...] = ("loader", "budget")) -> None:
     """Loads what :func:`training_state` saved into ``objects``; each rank takes its own per-rank entries.
 
     Checkpoints from before per-rank entries (one ``loader`` and ``rng`` at the top level) load in one process.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advtrain.data import AugmentConfig, DataConfig
 from advtrain.eval import IMAGENET_EPS
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
@@ -117,26 +118,18 @@ class Optim:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Augment:
+class Augment(AugmentConfig):  # + crop_ratio, interpolation, hflip (advtrain.data.AugmentConfig)
     randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment config string; None: off
     mixup: float = 0.8  # MixUp alpha; 0: off
     cutmix: float = 1.0  # CutMix alpha; 0: off
     label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop scale; (1, 1): no crop
-    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fractions of the original image
 
 
 @dataclass(frozen=True, kw_only=True)
-class Data:
+class Data(DataConfig):  # path, val_path, splits, batch_size, num_workers, ... (advtrain.data.DataConfig)
     kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
-    #                            wds: WebDataset shards (image + cls [+ txt])
-    path: str | None = None  # root folder (folder: holds train/ and val/; wds: holds manifest.json or *.tar*)
-    train_split: str = "train"
-    val_split: str = "val"
-    batch_size: int = 256  # global batch (split over ranks)
-    num_workers: int = 4
-    val_samples: int | None = None  # evaluate on at most this many validation samples
-    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
+    #                            wds: WebDataset shards (image + cls, or image + txt in CLIP-text mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +273,7 @@ def embedded() -> TrainConfig:
         optim=Optim(lr=3e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
         augment=Augment(randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(0.7, 1.0),
                         hflip=False),
-        data=Data(kind="digits", batch_size=64, num_workers=0),
+        data=Data(kind="digits", crop_pct=1.0, batch_size=64, num_workers=0),
         stages=(
             Stage(name="coarse", samples=36_000, img_size=16, reducer="resize",
                   attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=2_000, eps_warmup_samples=12_000),
@@ -315,8 +308,8 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
                     std=(0.2471, 0.2435, 0.2616)),
         optim=Optim(lr=1e-3, weight_decay=0.05),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, crop_scale=(0.6, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", batch_size=256, num_workers=8,
-                  in_memory=True),
+        data=Data(kind="wds", path=path, train_split="train", val_split="test", crop_pct=1.0, batch_size=256,
+                  num_workers=8, in_memory=True),
         stages=(
             Stage(name="coarse", samples=2_000_000, img_size=16, reducer="resize",
                   attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=100_000),

@@ -14,322 +14,50 @@ Run it through ``python -m recipes.advxl.launch``; ``main(cfg)`` is the entry po
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from advtrain import pgd
 from advtrain.attacks import detach_params
+from advtrain.data import BadSampleBudget, check_run_sources, class_names, make_loader, sources_from_config
 from advtrain.eval import format_resolution_table, plot_resolution, recipe_eval, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
                                check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
-                               log_due, make_mixup, open_sinks, plot_metrics, quiet_set_vital, read_metrics,
+                               log_due, make_mixup, open_sinks, plot_metrics, read_metrics,
                                restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
-                               setup_distributed, stable_seed, step_generator, take, training_state, wrap_ddp)
+                               setup_distributed, step_generator, take, training_state, wrap_ddp)
 from recipes.advxl.config import Stage, TrainConfig, check_consistency
 
 
 # ================================================================================================ data
 
 
-class ImageTensors(Dataset):
-    """In-memory ``(N, C, H, W)`` uint8 images with labels (and captions), augmented per sample.
-
-    Each sample's augmentation is seeded by (seed, epoch, index), independent of worker layout, so a resumed run
-    sees exactly the same augmented images as an uninterrupted one.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, captions: list[str] | None, *, transform=None, seed=0):
-        self.images, self.labels, self.captions = images, labels, captions
-        self.transform, self.seed = transform, seed
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        epoch, i = key if isinstance(key, tuple) else (0, key)  # the training sampler yields (epoch, index)
-        img = self.images[i]
-        if self.transform is not None:
-            with seeded_host_rng(stable_seed(self.seed, epoch, i)):
-                img = self.transform(img, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i, 1)))
-        out = (img, self.labels[i])
-        return out + (self.captions[i],) if self.captions is not None else out
+def build_sources(cfg: TrainConfig, size: int) -> tuple:
+    """(train, val) advtrain.data sources whose training crop is ``size`` px (RandomResizedCrop of the original);
+    CLIP-text mode reads captions and no labels (image-text shards)."""
+    text = cfg.clip_text is not None
+    return sources_from_config(cfg.data, cfg.augment, size=size, seed=cfg.run.seed,
+                               randaugment=cfg.augment.randaugment, labels=not text, captions=text,
+                               num_classes=None if text else cfg.model.num_classes)
 
 
-class FolderImages(Dataset):
-    """ImageNet-style class folders (``root/<class>/<image>``) through torchvision's ImageFolder, as uint8."""
-
-    def __init__(self, root: str, *, size: int, transform=None, seed=0):
-        from torchvision.datasets import ImageFolder
-
-        self.inner = ImageFolder(root)
-        self.classes = self.inner.classes
-        self.size, self.transform, self.seed = size, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        from torchvision.transforms.functional import pil_to_tensor, resize
-
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        img, label = self.inner[i]
-        x = resize(pil_to_tensor(img.convert("RGB")), [self.size, self.size], antialias=True)
-        if self.transform is not None:
-            with seeded_host_rng(stable_seed(self.seed, epoch, i)):
-                x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i, 1)))
-        return x, label
-
-
-class ShardStream(IterableDataset):
-    """Streams WebDataset shards (``.jpg|.png`` + ``.cls`` [+ ``.txt``]) endlessly, resumable mid-epoch.
-
-    Shards are dealt to ranks x workers in a per-epoch seeded order; samples are shuffled within each shard by a
-    seeded permutation. ``state_dict()`` (read by torchdata's StatefulDataLoader inside each worker) holds
-    (epoch, shard position, sample position), so a resumed stream continues at the next sample.
-    """
-
-    def __init__(self, shards: list[str], *, size: int, captions: bool, transform=None, seed=0, rank=0, world=1):
-        self.shards, self.size, self.captions = shards, size, captions
-        self.transform, self.seed, self.rank, self.world = transform, seed, rank, world
-        self.state = {"epoch": 0, "shard": 0, "sample": 0}
-
-    def state_dict(self) -> dict:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = dict(state)
-
-    def _mine(self, epoch: int) -> list[str]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        mine = [self.shards[i] for i in order][self.rank * nw + wid :: self.world * nw]
-        if not mine:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world * nw} readers (ranks x workers)")
-        return mine
-
-    def __iter__(self) -> Iterator:
-        from torchvision.transforms.functional import resize
-
-        while True:
-            epoch = self.state["epoch"]
-            mine = self._mine(epoch)
-            while self.state["shard"] < len(mine):
-                samples = _read_shard(mine[self.state["shard"]])
-                perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(
-                    stable_seed(self.seed, epoch, mine[self.state["shard"]]))).tolist()
-                while self.state["sample"] < len(perm):
-                    j = perm[self.state["sample"]]
-                    self.state["sample"] += 1
-                    key, img, label, caption = samples[j]
-                    x = resize(_decode(img), [self.size, self.size], antialias=True)
-                    if self.transform is not None:
-                        with seeded_host_rng(stable_seed(self.seed, epoch, key)):
-                            x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, key, 1)))
-                    yield (x, label, caption) if self.captions else (x, label)
-                self.state = {"epoch": epoch, "shard": self.state["shard"] + 1, "sample": 0}
-            self.state = {"epoch": epoch + 1, "shard": 0, "sample": 0}
-
-
-def _read_shard(path: str) -> list[tuple[str, bytes, int, str]]:
-    import tarfile
-
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.rpartition(".")
-            groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    out = []
-    for key, g in sorted(groups.items()):
-        img = g.get("jpg", g.get("png", g.get("webp")))
-        out.append((key, img, int(g["cls"]), g.get("txt", b"").decode()))
-    return out
-
-
-def _decode(data: bytes) -> Tensor:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-
-
-def wds_shards(root: str, split: str) -> list[str]:
-    """The shards of a split: from manifest.json when present, else ``<split>-*.tar*`` in the folder."""
-    r = Path(root)
-    if (r / "manifest.json").exists():
-        from advtrain.data import shard_paths
-
-        return [str(p) for p in shard_paths(r, split)]
-    found = sorted(str(p) for p in r.glob(f"{split}-*.tar*"))
-    if not found:
-        raise FileNotFoundError(f"no {split}-*.tar* shards and no manifest.json in {root}")
-    return found
-
-
-def class_names(cfg: TrainConfig) -> list[str]:
-    d = cfg.data
-    if d.kind == "digits":
-        return [str(i) for i in range(10)]
-    if d.kind == "wds":
-        manifest = Path(d.path) / "manifest.json"
-        if manifest.exists():
-            return list(json.loads(manifest.read_text()).get("class_names", []))
-        return [str(i) for i in range(cfg.model.num_classes)]
-    from torchvision.datasets import ImageFolder
-
-    return ImageFolder(str(Path(d.path) / d.train_split)).classes
-
-
-def make_transform(cfg: TrainConfig, size: int):
-    """Per-sample training augmentation on uint8 ``(C, H, W)``: random resized crop, flip, timm RandAugment."""
-    from torchvision.transforms import v2
-
-    a = cfg.augment
-    rand_aug = None
-    if a.randaugment:
-        from timm.data import rand_augment_transform
-
-        # magnitude_max 9: with 'inc1', magnitude 10 asks Pillow to posterize to 0 bits, which Pillow >= 11 refuses
-        hparams = {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104), "magnitude_max": 9}
-        rand_aug = rand_augment_transform(a.randaugment, hparams)
-
-    def transform(x: Tensor, g: torch.Generator) -> Tensor:
-        if a.crop_scale != (1.0, 1.0):
-            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global RNG: seed it from g, then restore
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-                x = v2.RandomResizedCrop(size, scale=a.crop_scale, antialias=True)(x)
-        if a.hflip and bool(torch.rand(1, generator=g) < 0.5):
-            x = x.flip(-1)
-        if rand_aug is not None:
-            from PIL import Image
-
-            img = rand_aug(Image.fromarray(x.permute(1, 2, 0).numpy()))
-            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-        return x
-
-    return transform
-
-
-def digits_arrays(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits as (N, 3, 32, 32) uint8, split 75/25 with a fixed permutation."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
-    x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(d.target, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.75 * len(y))
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
-
-
-def build_datasets(cfg: TrainConfig, dd: Dist) -> tuple[Any, Any]:
-    """(train, val) datasets yielding uint8 images at the run's full resolution, labels (and captions)."""
-    d, seed = cfg.data, cfg.run.seed
-    full = max(s.img_size for s in cfg.stages)
-    transform = make_transform(cfg, full)
-    captions = cfg.clip_text is not None
-    if d.kind == "digits":
-        xt, yt, xv, yv = digits_arrays(seed)
-        names = [f"a photo of the digit {int(c)}." for c in yt] if captions else None
-        return ImageTensors(xt, yt, names, transform=transform, seed=seed), ImageTensors(xv, yv, None)
-    if d.kind == "folder":
-        return (FolderImages(str(Path(d.path) / d.train_split), size=full, transform=transform, seed=seed),
-                FolderImages(str(Path(d.path) / d.val_split), size=full))
-    if d.kind == "wds" and d.in_memory:
-        from advtrain.data import load_image_set
-
-        tr, va = load_image_set(d.path, d.train_split), load_image_set(d.path, d.val_split)
-        tr_x, va_x = _to_rgb(tr.images, full), _to_rgb(va.images, full)
-        return (ImageTensors(tr_x, tr.labels, tr.captions if captions else None, transform=transform, seed=seed),
-                ImageTensors(va_x, va.labels, None))
-    if d.kind == "wds":
-        train = ShardStream(wds_shards(d.path, d.train_split), size=full, captions=captions, transform=transform,
-                            seed=seed, rank=dd.rank, world=dd.world)
-        val = ShardStream(wds_shards(d.path, d.val_split), size=full, captions=False, seed=seed)
-        return train, val
-    raise ValueError(f"unknown data.kind {d.kind!r}")
-
-
-def _to_rgb(images: Tensor, size: int) -> Tensor:
-    x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    if x.shape[-1] != size:
-        x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
-    return x.contiguous()
-
-
-class ShardedSampler(torch.utils.data.Sampler):
-    """A seeded per-epoch permutation dealt across ranks, yielding ``(epoch, index)`` keys; resumable.
-
-    The permutation is cut into global batches of ``world x batch`` and each rank takes its ``batch``-sized slice
-    of every global batch, so a step's images across all ranks are exactly the images one process would take at
-    that step with the same global batch (only complete global batches are dealt: equal counts on every rank keep
-    DDP in lockstep). The epoch travels with each key, so per-sample augmentation can be seeded by
-    (seed, epoch, index) inside worker processes without shared state. State: (epoch, position).
-    """
-
-    def __init__(self, n: int, *, seed: int, rank: int, world: int, batch: int):
-        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
-        self.epoch, self.pos = 0, 0
-
-    def _indices(self) -> list[int]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        g = self.batch * self.world
-        full = perm[: self.n // g * g].view(-1, self.world, self.batch)
-        return full[:, self.rank].reshape(-1).tolist()
-
-    def __len__(self) -> int:
-        return self.n // (self.batch * self.world) * self.batch
-
-    def __iter__(self):
-        idx = self._indices()
-        while self.pos < len(idx):
-            self.pos += 1
-            yield self.epoch, idx[self.pos - 1]
-        self.epoch, self.pos = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-
-
-def make_loader(cfg: TrainConfig, ds, dd: Dist, *, train: bool) -> StatefulDataLoader:
-    per_rank = cfg.data.batch_size // dd.world
-    common = dict(batch_size=per_rank, num_workers=cfg.data.num_workers, drop_last=train,
-                  pin_memory=dd.device.type == "cuda", collate_fn=_collate)
-    if cfg.data.num_workers:
-        common["persistent_workers"] = False
-    if isinstance(ds, IterableDataset):
-        return StatefulDataLoader(ds, **common)
-    sampler = (ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world, batch=per_rank)
-               if train else None)
-    return StatefulDataLoader(ds, sampler=sampler, shuffle=False, **common)
-
-
-def _collate(batch):
-    cols = list(zip(*batch))
-    out = [torch.stack(cols[0]), torch.as_tensor(cols[1], dtype=torch.int64)]
-    if len(cols) > 2:
-        out.append(list(cols[2]))
-    return out
+def stage_loader(cfg: TrainConfig, dd: Dist, size: int, state: dict | None = None):
+    """The training loader of a stage's image size, continuing ``state`` (the previous stage's loader: same batch
+    and workers, so the sample stream goes on exactly); a resumed run builds its stage's loader and restores it."""
+    loader = make_loader(build_sources(cfg, size)[0], batch_size=cfg.data.batch_size // dd.world, seed=cfg.run.seed,
+                         rank=dd.rank, world=dd.world, num_workers=cfg.data.num_workers,
+                         pin_memory=dd.device.type == "cuda")
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
 
 
 # ================================================================================================ model
@@ -453,8 +181,8 @@ def reduce_batch(x: Tensor, stage: Stage, model: Normalized, g: torch.Generator)
     match stage.reducer:
         case "none":
             return (x if x.shape[-1] == stage.img_size else resize_reduce(x, stage.img_size)), None
-        case "resize":
-            return resize_reduce(x, stage.img_size), None
+        case "resize":  # the loader already crops the original image to the stage size
+            return (x if x.shape[-1] == stage.img_size else resize_reduce(x, stage.img_size)), None
         case "random_mask" | "block_mask":
             x = x if x.shape[-1] == stage.img_size else resize_reduce(x, stage.img_size)
             p = model.inner.patch_embed.patch_size[0]
@@ -474,7 +202,7 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
     ``attacker`` is the model the attack differentiates: ``raw``, or a compiled ``detach_params(raw)`` view.
     """
     x = batch[0].to(dd.device, non_blocking=True).float().div_(255)
-    y = batch[1].to(dd.device, non_blocking=True)
+    y = batch[1].to(dd.device, non_blocking=True) if batch[1] is not None else None  # None: image-text shards
     g = step_generator(cfg.run.seed, step, dd.rank)
     if mixup is not None:
         with seeded_host_rng(cfg.run.seed * 7919 + step * 31 + dd.rank):
@@ -562,8 +290,9 @@ def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: 
 
 def val_batches(cfg: TrainConfig, val_ds, dd: Dist) -> Iterator:
     """The validation batches, at most ``data.val_samples`` images."""
-    with quiet_set_vital():
-        return take(make_loader(cfg, val_ds, dd, train=False), cfg.data.val_samples)
+    loader = make_loader(val_ds, batch_size=cfg.data.batch_size // dd.world, seed=cfg.run.seed, rank=dd.rank,
+                         world=dd.world, num_workers=cfg.data.num_workers, train=False)
+    return take(loader, cfg.data.val_samples)
 
 
 def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, text, names) -> list:
@@ -577,7 +306,6 @@ def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, tex
     with autocast(cfg.run.precision, dd.device):
         return resolution_sweep(clf, batches, sizes=list(e.resolutions), attacks={f"pgd{e.pgd_steps}": pgd_k},
                                 device=dd.device, progress=dd.main and interactive())
-
 
 
 # ================================================================================================ validation
@@ -598,44 +326,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"image sizes {bad} are not divisible by the patch size {p} of {cfg.model.name}")
     elif any(s.reducer in ("random_mask", "block_mask") for s in cfg.stages):
         raise ValueError(f"token masks need a ViT; {cfg.model.name} has no patch tokens")
-    d = cfg.data
-    if d.kind in ("folder", "wds"):
-        if not d.path or not Path(d.path).exists():
-            raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
-    if d.kind == "folder":
-        for split in (d.train_split, d.val_split):
-            if not (Path(d.path) / split).is_dir():
-                raise FileNotFoundError(f"{Path(d.path) / split} is missing: expected class folders under it")
-    if d.kind == "wds":
-        need = {"cls"} | ({"txt"} if cfg.clip_text else set())
-        for split in (d.train_split, d.val_split):
-            shards = wds_shards(d.path, split)
-            keys = _first_sample_keys(shards[0])
-            missing = sorted(need - keys) + ([] if keys & {"jpg", "png", "webp"} else ["jpg|png"])
-            if missing:
-                raise ValueError(f"samples of {shards[0]} lack {missing} (have {sorted(keys)})")
+    d, world = cfg.data, int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.clip_text and d.kind == "folder":
+        raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
+    check_run_sources(*build_sources(cfg, cfg.stages[0].img_size), world=world, num_workers=d.num_workers,
+                      batch_size=d.batch_size)
     init = cfg.model.init
     if init and not init.startswith("timm:") and not Path(init).exists():
         raise FileNotFoundError(f"model.init {init!r} does not exist")
-    if cfg.clip_text and d.kind == "folder":
-        raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
     if cfg.data.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the world size")
-
-
-def _first_sample_keys(shard: str) -> set[str]:
-    import tarfile
-
-    keys, first = set(), None
-    with tarfile.open(shard, "r:*") as tar:
-        for m in tar:
-            key, _, ext = m.name.rpartition(".")
-            if first is None:
-                first = key
-            if key != first:
-                break
-            keys.add(ext)
-    return keys
 
 
 # ================================================================================================ run directory
@@ -689,11 +389,11 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(raw, decay=cfg.optim.ema_decay)
-    train_ds, val_ds = build_datasets(cfg, dd)
-    with quiet_set_vital():
-        loader = make_loader(cfg, train_ds, dd, train=True)
-    objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader}
+    val_ds = build_sources(cfg, max(s.img_size for s in cfg.stages))[1]  # evaluated at the full size
     state = run.resume()
+    size = cfg.stages[locate(cfg, min(state["samples_seen"], cfg.total_samples - 1) if state else 0)[0]].img_size
+    loader, budget = stage_loader(cfg, dd, size), BadSampleBudget(max_fraction=cfg.data.bad_sample_budget)
+    objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader, "budget": budget}
     if state is not None:
         restore_training_state(state, objects, dd)
     elif cfg.model.init:
@@ -720,7 +420,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                        num_classes=cfg.model.num_classes)
     sinks = open_sinks(run.path, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, config=cfg.to_dict()) \
         if dd.main else ()
-    metrics, names = run.metrics(sinks=sinks), class_names(cfg)
+    metrics, names = run.metrics(sinks=sinks), class_names(cfg.data, num_classes=cfg.model.num_classes)
     total, batch = cfg.total_samples, cfg.data.batch_size
     bar = Progress(total=total, initial=samples, unit="img", desc="advxl", dd=dd, every=cfg.run.log_every, log=log)
     batches, ckpt_due, finished = cycle(loader), Every(cfg.run.checkpoint_every, start=samples), True
@@ -728,9 +428,14 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     while samples < total:
         si, in_stage = locate(cfg, samples)
         stage = cfg.stages[si]
+        if stage.img_size != size:  # a loader per stage size, continuing the previous one's sample stream
+            size, state = stage.img_size, loader.state_dict()
+            loader = objects["loader"] = stage_loader(cfg, dd, size, state)
+            batches = cycle(loader)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, stage, in_stage)
         b = timer.next(batches)
+        budget.update(b.bad, good=len(b.keys), check=False)
         loss = train_step(cfg, model, raw, opt, ema, b, stage, in_stage, step, dd, mixup, text, attacker)
         timer.done(batch)
         check_finite(loss, step=step, where=f"stage {stage.name}")
@@ -738,8 +443,10 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         stage_done = locate(cfg, samples)[0] != si
         bar.update(batch, stage=stage.name, px=stage.img_size, loss=loss, lr=opt.param_groups[0]["lr"])
         if log_due(step, every=cfg.run.log_every, total=None) or stage_done:  # the last step ends the last stage
+            budget.check(across_ranks=dd.world > 1)
             metrics.write({"kind": "train", "samples": samples, "step": step, "stage": stage.name,
-                           "lr": opt.param_groups[0]["lr"]} | all_mean({"loss": loss}, dd) | timer.window())
+                           "lr": opt.param_groups[0]["lr"]} | all_mean({"loss": loss}, dd) | timer.window()
+                          | budget.metrics())
         if stage_done:
             size = cfg.eval.img_size or stage.img_size
             r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advtrain.data import AugmentConfig, DataConfig
 from advtrain.training import RunConfig, choose, from_dict, override  # noqa: F401  (the config API)
 from advtrain.training import load_config as _load_config
 from advtrain.training import validators as v
@@ -110,26 +111,17 @@ class Optim:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Augment:
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale; (1, 1): no crop
-    hflip: bool = True
+class Augment(AugmentConfig):  # + crop_scale, crop_ratio, interpolation, hflip (advtrain.data.AugmentConfig)
     mixup: float = 0.0  # MixUp alpha on the clean images only; 0: off
     cutmix: float = 0.0  # CutMix alpha on the clean images only; 0: off
     label_smoothing: float = 0.0  # every pass's training loss
 
 
 @dataclass(frozen=True, kw_only=True)
-class Data:
+class Data(DataConfig):  # path, val_path, splits, batch_size, num_workers, ... (advtrain.data.DataConfig)
     kind: DataKind = "folder"  # digits: scikit-learn's bundled digits; folder: ImageNet-style class folders;
     #                            wds: WebDataset shards (image + cls)
-    path: str | None = None  # root (folder: holds train/ and val/; wds: holds manifest.json or <split>-*.tar*)
-    train_split: str = "train"
-    val_split: str = "val"
-    img_size: int = 224  # px, training and evaluation (folder val: resize to img_size / 0.875, center crop)
-    batch_size: int = 256  # images loaded per step, global; fast_advprop attacks the last p_adv of them
-    num_workers: int = 4
-    val_samples: int | None = None  # clean and PGD evaluation on at most this many validation images
-    in_memory: bool = False  # wds: decode the whole split into memory first (small sets)
+    img_size: int = 224  # px, training and evaluation
     train_size: int | None = None  # images per epoch (default: the dataset's length or its manifest count)
 
 
@@ -294,7 +286,7 @@ def embedded() -> TrainConfig:
         adv=Adv(p_adv=0.2, eps=eps, step_size=eps, steps=1, advprop_steps=5, beta=0.5, bn_groups=2),
         optim=Optim(lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=28, milestones=(8, 16, 24, 26), gamma=0.1),
         augment=Augment(crop_scale=(0.7, 1.0), hflip=False),
-        data=Data(kind="digits", img_size=32, batch_size=80, num_workers=0),
+        data=Data(kind="digits", img_size=32, crop_pct=1.0, batch_size=80, num_workers=0),
         eval=Eval(eps=8 / 255, pgd_steps=10, pgd_step_size=2 / 255, corruptions=CHEAP_CORRUPTIONS,
                   severities=(1, 2, 3, 4, 5), corruption_samples=150, evals=2),
         run=Run(out_dir="runs/fast_advprop-embedded", precision="fp32", checkpoint_every=20_000, log_every=10,
@@ -331,8 +323,8 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
         adv=Adv(p_adv=0.2, bn_groups=2),
         optim=Optim(lr=0.1, weight_decay=5e-4),
         augment=Augment(crop_scale=(0.35, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", img_size=32, batch_size=160,
-                  num_workers=8, in_memory=True),
+        data=Data(kind="wds", path=path, train_split="train", val_split="test", img_size=32, crop_pct=1.0,
+                  batch_size=160, num_workers=8, in_memory=True),
         eval=Eval(corruption_samples=2000),
         run=Run(out_dir="runs/fast_advprop-cifar10", checkpoint_every=1_000_000),
     )

@@ -32,29 +32,25 @@ when ``WORLD_SIZE > 1``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from advtrain import pgd, project
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
+from advtrain.data import (BadSampleBudget, ShardSource, check_run_sources, epoch_size, eval_subset, make_loader,
+                           sources_from_config)
 from advtrain.eval import corruption_errors, recipe_eval
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
                                check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
-                               log_due, make_mixup, open_sinks, plot_metrics, quiet_set_vital, read_metrics,
+                               log_due, make_mixup, open_sinks, plot_metrics, read_metrics,
                                restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
                                setup_distributed, stable_seed, step_generator, take, training_state, wrap_ddp)
 from recipes.fast_advprop.config import (TrainConfig, check_consistency, cost_per_epoch, lr_at, run_epochs,
@@ -64,281 +60,10 @@ from recipes.fast_advprop.config import (TrainConfig, check_consistency, cost_pe
 # ================================================================================================ data
 
 
-class ImageTensors(Dataset):
-    """In-memory ``(N, C, H, W)`` uint8 images with labels, augmented per sample.
-
-    Each sample's augmentation is seeded by (seed, epoch, index), independent of worker layout, so a resumed run
-    sees exactly the same augmented images as an uninterrupted one.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, *, transform=None, seed=0):
-        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        epoch, i = key if isinstance(key, tuple) else (0, key)  # the training sampler yields (epoch, index)
-        img = self.images[i]
-        if self.transform is not None:
-            img = self.transform(img, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i)))
-        return img, self.labels[i]
-
-
-class FolderImages(Dataset):
-    """ImageNet-style class folders (``root/<class>/<image>``) as uint8 ``(3, size, size)``.
-
-    Training: the transform crops the original image (RandomResizedCrop). Validation: resize the shorter side to
-    ``size / 0.875`` and take the center ``size`` crop (256 -> 224, the ImageNet and ImageNet-C protocol).
-    """
-
-    def __init__(self, root: str, *, size: int, transform=None, seed=0):
-        from torchvision.datasets import ImageFolder
-
-        self.inner = ImageFolder(root)
-        self.size, self.transform, self.seed = size, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
-
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        img, label = self.inner[i]
-        x = pil_to_tensor(img.convert("RGB"))
-        if self.transform is not None:
-            x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, i)))
-        else:
-            x = center_crop(resize(x, round(self.size / 0.875), antialias=True), [self.size, self.size])
-        return x, label
-
-
-class ShardStream(IterableDataset):
-    """Streams WebDataset shards (``.jpg|.png`` + ``.cls``) endlessly, resumable mid-epoch.
-
-    Shards are dealt to ranks x workers in a per-epoch seeded order; samples are shuffled within each shard by a
-    seeded permutation. ``state_dict()`` (read by torchdata's StatefulDataLoader inside each worker) holds
-    (epoch, shard position, sample position), so a resumed stream continues at the next sample. ``count`` is the
-    split's size from the manifest (None when unknown).
-    """
-
-    def __init__(self, shards: list[str], *, size: int, transform=None, seed=0, rank=0, world=1, count=None):
-        self.shards, self.size, self.transform, self.seed = shards, size, transform, seed
-        self.rank, self.world, self.count = rank, world, count
-        self.state = {"epoch": 0, "shard": 0, "sample": 0}
-
-    def state_dict(self) -> dict:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = dict(state)
-
-    def _mine(self, epoch: int) -> list[str]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        mine = [self.shards[i] for i in order][self.rank * nw + wid :: self.world * nw]
-        if not mine:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world * nw} readers (ranks x workers)")
-        return mine
-
-    def __iter__(self) -> Iterator:
-        from torchvision.transforms.functional import resize
-
-        while True:
-            epoch = self.state["epoch"]
-            mine = self._mine(epoch)
-            while self.state["shard"] < len(mine):
-                samples = _read_shard(mine[self.state["shard"]])
-                perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(
-                    stable_seed(self.seed, epoch, mine[self.state["shard"]]))).tolist()
-                while self.state["sample"] < len(perm):
-                    j = perm[self.state["sample"]]
-                    self.state["sample"] += 1
-                    key, img, label = samples[j]
-                    x = _decode(img)
-                    if self.transform is not None:
-                        x = self.transform(x, torch.Generator().manual_seed(stable_seed(self.seed, epoch, key)))
-                    elif x.shape[-2:] != (self.size, self.size):
-                        x = resize(x, [self.size, self.size], antialias=True)
-                    yield x, label
-                self.state = {"epoch": epoch, "shard": self.state["shard"] + 1, "sample": 0}
-            self.state = {"epoch": epoch + 1, "shard": 0, "sample": 0}
-
-
-def _read_shard(path: str) -> list[tuple[str, bytes, int]]:
-    import tarfile
-
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.rpartition(".")
-            groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return [(key, g.get("jpg", g.get("png", g.get("webp"))), int(g["cls"])) for key, g in sorted(groups.items())]
-
-
-def _decode(data: bytes) -> Tensor:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-
-
-def wds_shards(root: str, split: str) -> list[str]:
-    """The shards of a split: from manifest.json when present, else ``<split>-*.tar*`` in the folder."""
-    r = Path(root)
-    if (r / "manifest.json").exists():
-        from advtrain.data import shard_paths
-
-        return [str(p) for p in shard_paths(r, split)]
-    found = sorted(str(p) for p in r.glob(f"{split}-*.tar*"))
-    if not found:
-        raise FileNotFoundError(f"no {split}-*.tar* shards and no manifest.json in {root}")
-    return found
-
-
-def manifest_count(root: str, split: str) -> int | None:
-    manifest = Path(root) / "manifest.json"
-    if not manifest.exists():
-        return None
-    return json.loads(manifest.read_text()).get("splits", {}).get(split, {}).get("count")
-
-
-def make_transform(cfg: TrainConfig, size: int):
-    """Per-sample training augmentation on uint8 ``(C, H, W)``: random resized crop to ``size``, flip."""
-    from torchvision.transforms import v2
-    from torchvision.transforms.functional import resize
-
-    a = cfg.augment
-
-    def transform(x: Tensor, g: torch.Generator) -> Tensor:
-        if a.crop_scale != (1.0, 1.0):
-            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global RNG: seed it from g, then restore
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-                x = v2.RandomResizedCrop(size, scale=a.crop_scale, antialias=True)(x)
-        elif x.shape[-2:] != (size, size):
-            x = resize(x, [size, size], antialias=True)
-        if a.hflip and bool(torch.rand(1, generator=g) < 0.5):
-            x = x.flip(-1)
-        return x
-
-    return transform
-
-
-def digits_arrays(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits as (N, 3, 32, 32) uint8, split 75/25 with a fixed permutation."""
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
-    x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(d.target, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.75 * len(y))
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
-
-
-def build_datasets(cfg: TrainConfig, dd: Dist) -> tuple[Any, Any]:
-    """(train, val) datasets yielding uint8 ``(3, img_size, img_size)`` images and int labels."""
-    d, seed, size = cfg.data, cfg.run.seed, cfg.data.img_size
-    transform = make_transform(cfg, size)
-    if d.kind == "digits":
-        xt, yt, xv, yv = digits_arrays(seed)
-        xt, xv = _to_rgb(xt, size), _to_rgb(xv, size)
-        return ImageTensors(xt, yt, transform=transform, seed=seed), ImageTensors(xv, yv)
-    if d.kind == "folder":
-        return (FolderImages(str(Path(d.path) / d.train_split), size=size, transform=transform, seed=seed),
-                FolderImages(str(Path(d.path) / d.val_split), size=size))
-    if d.kind == "wds" and d.in_memory:
-        from advtrain.data import load_image_set
-
-        tr, va = load_image_set(d.path, d.train_split), load_image_set(d.path, d.val_split)
-        return (ImageTensors(_to_rgb(tr.images, size), tr.labels, transform=transform, seed=seed),
-                ImageTensors(_to_rgb(va.images, size), va.labels))
-    if d.kind == "wds":
-        train = ShardStream(wds_shards(d.path, d.train_split), size=size, transform=transform, seed=seed,
-                            rank=dd.rank, world=dd.world, count=manifest_count(d.path, d.train_split))
-        val = ShardStream(wds_shards(d.path, d.val_split), size=size, seed=seed)
-        return train, val
-    raise ValueError(f"unknown data.kind {d.kind!r}")
-
-
-def _to_rgb(images: Tensor, size: int) -> Tensor:
-    import torch.nn.functional as F
-
-    x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    return x.contiguous()
-
-
-def train_size(cfg: TrainConfig, ds) -> int:
-    """Images per epoch: ``data.train_size``, else the dataset's length, else the shards' manifest count."""
-    if cfg.data.train_size:
-        return cfg.data.train_size
-    n = getattr(ds, "count", None) if isinstance(ds, IterableDataset) else len(ds)
-    if not n:
-        raise ValueError("the training set's size is unknown (no manifest count): set data.train_size")
-    return int(n)
-
-
-class ShardedSampler(torch.utils.data.Sampler):
-    """A seeded per-epoch permutation dealt across ranks, yielding ``(epoch, index)`` keys; resumable.
-
-    The permutation is cut into global batches of ``world x batch`` and each rank takes its ``batch``-sized slice
-    of every global batch, so a step's images across all ranks are exactly the images one process would take at
-    that step with the same global batch (only complete global batches are dealt: equal counts on every rank keep
-    DDP in lockstep). The epoch travels with each key, so per-sample augmentation can be seeded by
-    (seed, epoch, index) inside worker processes without shared state. State: (epoch, position).
-    """
-
-    def __init__(self, n: int, *, seed: int, rank: int, world: int, batch: int):
-        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
-        self.epoch, self.pos = 0, 0
-
-    def _indices(self) -> list[int]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        g = self.batch * self.world
-        full = perm[: self.n // g * g].view(-1, self.world, self.batch)
-        return full[:, self.rank].reshape(-1).tolist()
-
-    def __len__(self) -> int:
-        return self.n // (self.batch * self.world) * self.batch
-
-    def __iter__(self):
-        idx = self._indices()
-        while self.pos < len(idx):
-            self.pos += 1
-            yield self.epoch, idx[self.pos - 1]
-        self.epoch, self.pos = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-
-
-def make_loader(cfg: TrainConfig, ds, dd: Dist, *, train: bool) -> StatefulDataLoader:
-    per_rank = cfg.data.batch_size // dd.world
-    common = dict(batch_size=per_rank, num_workers=cfg.data.num_workers, drop_last=train,
-                  pin_memory=dd.device.type == "cuda", collate_fn=_collate)
-    if isinstance(ds, IterableDataset):
-        return StatefulDataLoader(ds, **common)
-    sampler = (ShardedSampler(len(ds), seed=cfg.run.seed, rank=dd.rank, world=dd.world, batch=per_rank)
-               if train else None)
-    return StatefulDataLoader(ds, sampler=sampler, shuffle=False, **common)
-
-
-def _collate(batch):
-    cols = list(zip(*batch))
-    return [torch.stack(cols[0]), torch.as_tensor(cols[1], dtype=torch.int64)]
+def build_sources(cfg: TrainConfig) -> tuple:
+    """(train, val) advtrain.data sources: RandomResizedCrop of the original image for training, crop_pct eval."""
+    return sources_from_config(cfg.data, cfg.augment, size=cfg.data.img_size, seed=cfg.run.seed,
+                               num_classes=cfg.model.num_classes)
 
 
 # ================================================================================================ model
@@ -380,7 +105,6 @@ def build_model(cfg: TrainConfig) -> Normalized:
     routes through the main BNs (its auxiliary ones stay untouched and out of the update: no gradient).
     """
     return Normalized(convert_split_bn_(create_model(cfg)), cfg.model.mean, cfg.model.std)
-
 
 
 # ================================================================================================ the step
@@ -542,8 +266,8 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     e = cfg.eval
 
     def batches():  # lazily: ImageNet's validation set does not fit in memory as floats
-        with quiet_set_vital():
-            loader = make_loader(cfg, val_ds, dataclasses.replace(dd, world=1), train=False)
+        loader = make_loader(val_ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed, train=False,
+                             num_workers=cfg.data.num_workers)
         for b in take(loader, cfg.data.val_samples):
             yield b[0].to(dd.device).float().div(255), b[1]
 
@@ -555,26 +279,9 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     return out
 
 
-def corruption_images(cfg: TrainConfig, val_ds) -> tuple[list[Tensor], list[int]]:
-    """The validation images the corruption evaluation uses: a fixed seeded subset of ``eval.corruption_samples``."""
-    k = cfg.eval.corruption_samples
-    if isinstance(val_ds, IterableDataset):
-        items = []
-        for x, y in val_ds:  # the stream's first k images (its shards are shuffled)
-            items.append((x, int(y)))
-            if len(items) >= k:
-                break
-    else:
-        n = len(val_ds)
-        idx = range(n) if k is None or k >= n else sorted(
-            torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed))[:k].tolist())
-        items = [(val_ds[i][0], int(val_ds[i][1])) for i in idx]
-    return [x for x, _ in items], [y for _, y in items]
-
-
 def corruption_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist) -> dict:
     """Top-1 error under every (corruption, severity) and their mean (advtrain.eval.corruption_errors)."""
-    images, labels = corruption_images(cfg, val_ds)
+    images, labels = eval_subset(val_ds, cfg.eval.corruption_samples, seed=cfg.run.seed)  # a fixed subset
     with autocast(cfg.run.precision, dd.device):
         return corruption_errors(raw, images, labels, corruptions=cfg.eval.corruptions, severities=cfg.eval.severities,
                                  seed=cfg.run.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -602,27 +309,12 @@ def validate(cfg: TrainConfig) -> None:
         except TypeError as err:
             raise ValueError(f"{cfg.model.name}: {err}") from None
     d = cfg.data
-    if d.kind in ("folder", "wds"):
-        if not d.path or not Path(d.path).exists():
-            raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
-    if d.kind == "folder":
-        for split in (d.train_split, d.val_split):
-            if not (Path(d.path) / split).is_dir():
-                raise FileNotFoundError(f"{Path(d.path) / split} is missing: expected class folders under it")
-    if d.kind == "wds":
-        for split in (d.train_split, d.val_split):
-            shards = wds_shards(d.path, split)
-            keys = _first_sample_keys(shards[0])
-            missing = sorted({"cls"} - keys) + ([] if keys & {"jpg", "png", "webp"} else ["jpg|png"])
-            if missing:
-                raise ValueError(f"samples of {shards[0]} lack {missing} (have {sorted(keys)})")
-        if not d.in_memory:
-            if not d.train_size and not manifest_count(d.path, d.train_split):
-                raise ValueError("streamed shards without a manifest count: set data.train_size (images per epoch)")
-            if d.val_samples is None:
-                raise ValueError("streaming validation data needs data.val_samples")
-            if cfg.eval.corruptions and cfg.eval.corruption_samples is None:
-                raise ValueError("streaming validation data needs eval.corruption_samples for the corruptions")
+    train, val = build_sources(cfg)
+    check_run_sources(train, val, world=int(os.environ.get("WORLD_SIZE", "1")), num_workers=d.num_workers,
+                      batch_size=d.batch_size, epoch=d.train_size, val_samples=d.val_samples, need_epoch=True,
+                      need_val_samples=True)
+    if isinstance(val, ShardSource) and cfg.eval.corruptions and cfg.eval.corruption_samples is None:
+        raise ValueError("streaming validation data needs eval.corruption_samples for the corruptions")
     if cfg.eval.corruptions:
         try:
             from imagecorruptions import get_corruption_names
@@ -632,21 +324,6 @@ def validate(cfg: TrainConfig) -> None:
         unknown = sorted(set(cfg.eval.corruptions) - set(get_corruption_names("all")))
         if unknown:
             raise ValueError(f"unknown corruptions {unknown}; choose from {get_corruption_names('all')}")
-
-
-def _first_sample_keys(shard: str) -> set[str]:
-    import tarfile
-
-    keys, first = set(), None
-    with tarfile.open(shard, "r:*") as tar:
-        for m in tar:
-            key, _, ext = m.name.rpartition(".")
-            if first is None:
-                first = key
-            if key != first:
-                break
-            keys.add(ext)
-    return keys
 
 
 # ================================================================================================ run directory
@@ -701,7 +378,6 @@ def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ================================================================================================ main
 
 
@@ -730,13 +406,14 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     o = cfg.optim
     opt = torch.optim.SGD(raw.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                           nesterov=o.nesterov)
-    train_ds, val_ds = build_datasets(cfg, dd)
-    n_train, batch = train_size(cfg, train_ds), cfg.data.batch_size
+    train_ds, val_ds = build_sources(cfg)
+    n_train, batch = epoch_size(train_ds, cfg.data.train_size), cfg.data.batch_size
     total = max(1, round(run_epochs(cfg) * n_train / batch))  # optimizer steps
     eval_steps = {max(1, round(total * (i + 1) / cfg.eval.evals)) for i in range(cfg.eval.evals)}
-    with quiet_set_vital():
-        loader = make_loader(cfg, train_ds, dd, train=True)
-    objects = {"model": raw, "optim": opt, "loader": loader}
+    loader = make_loader(train_ds, batch_size=batch // dd.world, seed=cfg.run.seed, rank=dd.rank, world=dd.world,
+                         num_workers=cfg.data.num_workers, pin_memory=dd.device.type == "cuda")
+    budget = BadSampleBudget(max_fraction=cfg.data.bad_sample_budget)
+    objects = {"model": raw, "optim": opt, "loader": loader, "budget": budget}
     state = run.resume()
     if state is not None:
         restore_training_state(state, objects, dd)
@@ -766,7 +443,9 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         epoch = step * batch / n_train
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        losses = train_step(cfg, model, raw, opt, timer.next(batches), step, dd, mixup)
+        b = timer.next(batches)
+        budget.update(b.bad, good=len(b.keys), check=False)
+        losses = train_step(cfg, model, raw, opt, b, step, dd, mixup)
         timer.done(batch)
         for k, v in losses.items():  # per-pass training top-1, averaged over the steps between metric lines
             if k.startswith("acc_") and math.isfinite(v):  # NaN: a pass with no rows
@@ -778,8 +457,9 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
         if log_due(step, every=cfg.run.log_every, total=total):  # the global batch's values, as one process's
             logged = all_mean(losses | {k: sum(v) / len(v) for k, v in acc_window.items()}, dd)
             acc_window.clear()
+            budget.check(across_ranks=dd.world > 1)
             metrics.write({"kind": "train", "samples": samples, "step": step, "epoch": epoch,
-                           "lr": opt.param_groups[0]["lr"]} | timer.window() | logged)
+                           "lr": opt.param_groups[0]["lr"]} | timer.window() | logged | budget.metrics())
         if step in eval_steps:
             if dd.main:
                 r = run_eval(cfg, raw, val_ds, dd, corruptions=step == total,

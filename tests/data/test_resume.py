@@ -99,6 +99,20 @@ def test_a_stopped_and_resumed_run_sees_exactly_the_uninterrupted_samples(tmp_pa
         assert any(b.bad for b in full)  # the broken sample was met, and counted once in both runs
 
 
+def test_a_stream_resumed_right_after_its_epochs_last_sample_goes_on(tmp_path, real_samples):
+    """A state saved after the last sample of an epoch resumes with the next epoch (the replayed tail of the
+    epoch yields nothing: that is no reason to call the shards unusable)."""
+    urls = write_shards(tmp_path / "shards", keyed(real_samples[:16], "e"), [8, 8])
+    src = ShardSource(urls, transform=T32, num_classes=10, shuffle_buffer=4)
+    kw = {"batch_size": 4, "seed": 5}
+    full = take(make_loader(src, **kw), 6)
+    first_loader = make_loader(src, **kw)
+    first = take(first_loader, 4)  # exactly one epoch of 16
+    resumed = make_loader(src, **kw)
+    load_loader_state(resumed, checkpointed(gather_loader_states(first_loader)))
+    same(full, first + take(resumed, 2))
+
+
 @pytest.mark.parametrize("kind", ["tensors", "folder"])
 def test_map_style_augmentation_does_not_depend_on_the_worker_count(tmp_path, real_samples, kind):
     src = _source(kind, tmp_path, real_samples)

@@ -32,7 +32,7 @@ def tiny(tmp_path, **run) -> TrainConfig:
                 Stage(name="fine", samples=64, img_size=32, attack=Attack(eps=0.1, step_size=0.05, steps=2))),
         optim=Optim(lr=2e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.0, cutmix=0.0, crop_scale=(0.7, 1.0), hflip=True),
-        data=dataclasses.replace(cfg.data, batch_size=32, val_samples=64),
+        data=dataclasses.replace(cfg.data, crop_pct=1.0, batch_size=32, val_samples=64),
         eval=dataclasses.replace(cfg.eval, pgd_steps=3),
         run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run"), checkpoint_every=64, log_every=1,
                                 compare_standard=False, threads=1, **run),
@@ -107,9 +107,9 @@ def _shard(path, members: dict[str, bytes]):
     (lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"))),
      FileNotFoundError, "does not exist"),
     (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards"))),
-     ValueError, r"lack \['cls'\]"),
+     ValueError, r"'train': sample '000' .*no label \(needs \.cls"),
     (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards")), clip_text=ClipText(tower="tiny")),
-     ValueError, r"lack \['cls', 'txt'\]"),
+     ValueError, r"'train': sample '000' .*no caption \(needs \.txt.*'val': .*no label \(needs \.cls"),
     (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, norms=("linf", "l3"))),
      ValueError, "eval.norms must be some of"),
 ])
@@ -137,8 +137,12 @@ def test_launch_reports_configuration_errors_cleanly(capsys):
 
 # Pinned per-step training losses of tiny() with seed 0 on CPU (fp32, one thread). A change to the recipe's
 # data order, augmentation, attack or optimizer moves them; update them only for an intended change.
-PINNED = [2.6625075340270996, 2.686723470687866, 2.5437917709350586, 2.5367188453674316, 2.5419087409973145,
-          2.5029194355010986]
+# Re-pinned 2026-12-02 for advtrain.data (issue 15): stage 1 now crops the original image to 16 px in the loader
+# (train_transform: RandomResizedCrop, bicubic, timm's ratio range, timm RandAugment) instead of resizing a 32 px
+# crop on the batch. With augmentation off and a single 32 px stage the old and new data paths give bit-identical
+# losses, so the change is the augmentation and the stage-1 crop.
+PINNED = [2.682999610900879, 2.6660826206207275, 2.5698482990264893, 2.499861240386963, 2.5607380867004395,
+          2.5043158531188965]
 
 
 @pytest.mark.slow
@@ -278,50 +282,31 @@ def test_clip_text_mode_trains_and_evaluates_through_the_text_classifier(tmp_pat
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
 
 
-# ------------------------------------------------------------------------------------------------ data loader resume
+def test_clip_text_mode_reads_image_text_shards_without_labels(tmp_path):
+    from PIL import Image
 
+    def jpeg(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 36), (20 * i % 256, 90, 100)).save(buf, "JPEG")
+        return buf.getvalue()
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_in_memory_loader_resumes_mid_epoch(tmp_path, workers):
+    for split in ("train", "val"):
+        for s in range(2):
+            members = {}
+            for i in range(32):
+                members[f"{split}{s}_{i:03d}.jpg"] = jpeg(i)
+                if split == "train":  # img2dataset-style: image + caption, no class
+                    members[f"{split}{s}_{i:03d}.txt"] = f"a photo of the digit {i % 10}.".encode()
+                else:
+                    members[f"{split}{s}_{i:03d}.cls"] = str(i % 10).encode()
+            _shard(tmp_path / f"{split}-{s:04d}.tar.gz", members)
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers, batch_size=100))
-    ds, _ = train.build_datasets(cfg, train.Dist())
-    ref_loader = train.make_loader(cfg, ds, train.Dist(), train=True)
-    batches = []
-    for _ in range(2):  # two epochs: 13 batches each with drop_last
-        batches += [b for b in ref_loader]
-    loader = train.make_loader(cfg, ds, train.Dist(), train=True)
-    it = iter(loader)
-    for _ in range(5):
-        next(it)
-    state = loader.state_dict()
-    resumed = train.make_loader(cfg, ds, train.Dist(), train=True)
-    resumed.load_state_dict(state)
-    rest = list(resumed) + list(resumed)
-    assert len(rest) == len(batches) - 5
-    for a, b in zip(rest, batches[5:]):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_shard_stream_resumes_mid_shard(shared_datasets, workers):
-    shards = train.wds_shards(str(shared_datasets / "cifar10"), "test")  # 2 shards: one per worker
-    ds = train.ShardStream(shards, size=32, captions=True, seed=0)
-    cfg = dataclasses.replace(preset("embedded"), data=Data(kind="wds", path="x", batch_size=64, num_workers=workers))
-    loader = train.make_loader(cfg, ds, train.Dist(), train=True)
-    it = iter(loader)
-    ref = [next(it) for _ in range(8)]
-    loader2 = train.make_loader(cfg, train.ShardStream(shards, size=32, captions=True, seed=0), train.Dist(), train=True)
-    it2 = iter(loader2)
-    for _ in range(3):
-        next(it2)
-    state = loader2.state_dict()
-    loader3 = train.make_loader(cfg, train.ShardStream(shards, size=32, captions=True, seed=0), train.Dist(), train=True)
-    loader3.load_state_dict(state)
-    it3 = iter(loader3)
-    for a in ref[3:]:
-        b = next(it3)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    cfg = dataclasses.replace(cfg, clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
+                              model=dataclasses.replace(cfg.model, num_classes=32),
+                              data=Data(kind="wds", path=str(tmp_path), batch_size=32, num_workers=0, val_samples=32),
+                              eval=dataclasses.replace(cfg.eval, resolutions=()))
+    out = train.main(cfg)
+    assert out["finished"] and all(0 <= e["clean"] <= 1 for e in out["evals"])
 
 
 @pytest.mark.slow
@@ -384,7 +369,7 @@ def test_two_process_gloo_ddp_keeps_ranks_in_lockstep(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # one all-reduced update per step on both ranks
     assert (tmp_path / "run" / "results.md").exists()  # rank 0 wrote the run directory
     state = load_latest_checkpoint(tmp_path / "run", print)
-    assert state["world_size"] == 2 and [sorted(r) for r in state["ranks"]] == [["loader", "rng"]] * 2
+    assert state["world_size"] == 2 and [sorted(r) for r in state["ranks"]] == [["budget", "loader", "rng"]] * 2
     from advtrain.training import ResumeError
 
     with pytest.raises(ResumeError, match=r"written by 2 process\(es\).*this run has 1"):
