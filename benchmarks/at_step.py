@@ -35,8 +35,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -61,14 +61,35 @@ class ModelSpec:
 
 
 PRESETS = {
-    "h100": dict(models=[ModelSpec("ViT-B/16", "vit_base_patch16_224", 128, 224, dict(dynamic_img_size=True),
-                                   stage1_batch=512),
-                         ModelSpec("ResNet-50", "resnet50", 256, 224, channels_last=True)],
-                 dtype="bf16", compile=True, iters=15, warmup=3, threads=None),
-    "cpu": dict(models=[ModelSpec("ViT-Ti/8 (4 blocks)", "vit_tiny_patch16_224", 32, 64,
-                                  dict(patch_size=8, depth=4, img_size=64, dynamic_img_size=True), stage1_batch=128),
-                        ModelSpec("ResNet-18", "resnet18", 32, 64)],
-                dtype="fp32", compile=False, iters=7, warmup=2, threads=1),
+    "h100": dict(
+        models=[
+            ModelSpec("ViT-B/16", "vit_base_patch16_224", 128, 224, dict(dynamic_img_size=True), stage1_batch=512),
+            ModelSpec("ResNet-50", "resnet50", 256, 224, channels_last=True),
+        ],
+        dtype="bf16",
+        compile=True,
+        iters=15,
+        warmup=3,
+        threads=None,
+    ),
+    "cpu": dict(
+        models=[
+            ModelSpec(
+                "ViT-Ti/8 (4 blocks)",
+                "vit_tiny_patch16_224",
+                32,
+                64,
+                dict(patch_size=8, depth=4, img_size=64, dynamic_img_size=True),
+                stage1_batch=128,
+            ),
+            ModelSpec("ResNet-18", "resnet18", 32, 64),
+        ],
+        dtype="fp32",
+        compile=False,
+        iters=7,
+        warmup=2,
+        threads=1,
+    ),
 }
 
 
@@ -139,8 +160,9 @@ def steps_for(spec: ModelSpec, args, device: torch.device) -> dict[str, Callable
     rows["free"] = free
     if spec.stage1_batch:
         x1, y1 = batch(spec.stage1_batch, spec.img_size // 2)
-        rows[f"stage1 {spec.img_size // 2}px pgd1 (batch {spec.stage1_batch})"] = \
-            lambda: train_step(attack(attack_model, x1, y1, 1), y1)
+        rows[f"stage1 {spec.img_size // 2}px pgd1 (batch {spec.stage1_batch})"] = lambda: train_step(
+            attack(attack_model, x1, y1, 1), y1
+        )
     try:
         import torchattacks
     except ImportError:
@@ -157,6 +179,7 @@ def steps_for(spec: ModelSpec, args, device: torch.device) -> dict[str, Callable
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
             return step
 
         rows["torchattacks pgd3 fp32"] = ta_step("fp32")
@@ -206,7 +229,7 @@ def floor_of(row: str) -> float | None:
 def measure(spec: ModelSpec, args, device: torch.device) -> list[dict]:
     rows = steps_for(spec, args, device)
     print(f"{spec.label}: warming up {len(rows)} rows ({'compiling' if args.compile else 'eager'})...", flush=True)
-    for name, fn in rows.items():
+    for fn in rows.values():
         for _ in range(args.warmup):
             fn()
     mem = {name: peak_memory(fn, device) for name, fn in rows.items()}
@@ -219,10 +242,20 @@ def measure(spec: ModelSpec, args, device: torch.device) -> list[dict]:
     for name in rows:
         t = statistics.median(times[name])
         b = spec.stage1_batch if name.startswith("stage1") else spec.batch
-        out.append(dict(model=spec.label, row=name, batch=b, img_size=spec.img_size // 2 if name.startswith("stage1")
-                        else spec.img_size, ms=1e3 * t, img_per_s=b / t, rel_clean=(t / b) / (clean / spec.batch),
-                        floor=floor_of(name), peak_gib=mem[name],
-                        rel_mem=mem[name] / mem["clean"] if mem[name] and mem["clean"] else None))
+        out.append(
+            dict(
+                model=spec.label,
+                row=name,
+                batch=b,
+                img_size=spec.img_size // 2 if name.startswith("stage1") else spec.img_size,
+                ms=1e3 * t,
+                img_per_s=b / t,
+                rel_clean=(t / b) / (clean / spec.batch),
+                floor=floor_of(name),
+                peak_gib=mem[name],
+                rel_mem=mem[name] / mem["clean"] if mem[name] and mem["clean"] else None,
+            )
+        )
     if spec.stage1_batch:
         s1 = next(r for r in out if r["row"].startswith("stage1"))
         p3 = next(r for r in out if r["row"] == "pgd3")
@@ -232,23 +265,30 @@ def measure(spec: ModelSpec, args, device: torch.device) -> list[dict]:
 
 def cpu_name() -> str:
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
     except OSError:
         names = []
     return f"{names[0] if names else platform.processor() or 'CPU'} ({len(names) or '?'} cores)"
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | step | batch | px | img/s | cost vs clean (per image) | floor | peak mem (GiB) | mem vs clean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | step | batch | px | img/s | cost vs clean (per image) | floor | peak mem (GiB) | mem vs clean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         extra = f" ({r['per_sample_vs_pgd3']:.3f}x of pgd3 per image)" if "per_sample_vs_pgd3" in r else ""
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         relm = f"{r['rel_mem']:.2f}x" if r["rel_mem"] is not None else "-"
         fl = f"{r['floor']:.2f}x" if r["floor"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['img_size']} | {r['img_per_s']:,.0f} | "
-                     f"{r['rel_clean']:.2f}x{extra} | {fl} | {mem} | {relm} |")
+        lines.append(
+            f"| {r['model']} | {r['row']} | {r['batch']} | {r['img_size']} | {r['img_per_s']:,.0f} | "
+            f"{r['rel_clean']:.2f}x{extra} | {fl} | {mem} | {relm} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -284,10 +324,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     md = table(results)
-    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-                threads=torch.get_num_threads(), compile=args.compile, dtype=args.dtype, iters=args.iters,
-                command="python benchmarks/at_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
+        threads=torch.get_num_threads(),
+        compile=args.compile,
+        dtype=args.dtype,
+        iters=args.iters,
+        command="python benchmarks/at_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print(md)
     print(json.dumps(meta))
     stem = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"at_step_{args.preset}"

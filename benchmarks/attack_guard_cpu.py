@@ -64,9 +64,17 @@ def _calls(attacks):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
     cnn = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     ).eval()
     g = torch.Generator().manual_seed(0)
     xm, ym = torch.rand(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -83,8 +91,12 @@ def _calls(attacks):
 # Per workload: (batch, values per image, gradient checks, torch.where calls on (B, n) tensors) per call, counted
 # from the code: pgd does one check and one where per step; apgd-2 checks the start and step 1 (step 2 has no
 # gradient) and selects delta and momentum twice and the gradient twice.
-GUARD_OPS = {"mlp pgd-1": (128, 3072, 1, 1), "cnn pgd-1": (32, 3072, 1, 1), "cnn pgd-10 l2": (32, 3072, 10, 10),
-             "cnn apgd-2": (32, 3072, 2, 6)}
+GUARD_OPS = {
+    "mlp pgd-1": (128, 3072, 1, 1),
+    "cnn pgd-1": (32, 3072, 1, 1),
+    "cnn pgd-10 l2": (32, 3072, 10, 10),
+    "cnn apgd-2": (32, 3072, 2, 6),
+}
 
 
 def _guard_ms(name: str, iters: int) -> float:
@@ -141,8 +153,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sys.path.remove(tmp)
         new = _calls(importlib.import_module("advtrain.attacks"))
         rows = []
-        print(f"| workload | {a.baseline} (ms CPU) | this tree (ms CPU) | ratio: median (25-75%) of pairs | "
-              f"guard ops alone (ms CPU) | guard share |")
+        print(
+            f"| workload | {a.baseline} (ms CPU) | this tree (ms CPU) | ratio: median (25-75%) of pairs | "
+            f"guard ops alone (ms CPU) | guard share |"
+        )
         print("|---|---|---|---|---|---|")
         for name in WORKLOADS:
             tb, tn = [], []
@@ -154,12 +168,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if i >= a.warmup:
                         out.append(time.thread_time() - t)
             r25, r50, r75 = _quartiles([n / b for n, b in zip(tn, tb)])
-            row = dict(workload=name, baseline_ms=1e3 * statistics.median(tb), new_ms=1e3 * statistics.median(tn),
-                       ratio=r50, ratio_q25=r25, ratio_q75=r75, guard_ops_ms=_guard_ms(name, 4 * a.iters))
+            row = dict(
+                workload=name,
+                baseline_ms=1e3 * statistics.median(tb),
+                new_ms=1e3 * statistics.median(tn),
+                ratio=r50,
+                ratio_q25=r25,
+                ratio_q75=r75,
+                guard_ops_ms=_guard_ms(name, 4 * a.iters),
+            )
             row["guard_share"] = row["guard_ops_ms"] / row["new_ms"]
             rows.append(row)
-            print(f"| {name} | {row['baseline_ms']:.2f} | {row['new_ms']:.2f} | {r50:.3f} ({r25:.3f}-{r75:.3f}) | "
-                  f"{row['guard_ops_ms']:.3f} | {100 * row['guard_share']:.1f}% |")
+            print(
+                f"| {name} | {row['baseline_ms']:.2f} | {row['new_ms']:.2f} | {r50:.3f} ({r25:.3f}-{r75:.3f}) | "
+                f"{row['guard_ops_ms']:.3f} | {100 * row['guard_share']:.1f}% |"
+            )
     print(f"\n{a.iters} call pairs per workload, 1 thread, CPU time of the thread; torch {torch.__version__}")
     return rows
 

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -91,8 +90,12 @@ def augment(x: Tensor, g: torch.Generator) -> Tensor:
     dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev, generator=g)
     dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev, generator=g)
     ar = torch.arange(32, device=dev)
-    out = padded[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
-                 dy + ar.view(1, 1, 32, 1), dx + ar.view(1, 1, 1, 32)]
+    out = padded[
+        torch.arange(b, device=dev).view(b, 1, 1, 1),
+        torch.arange(3, device=dev).view(1, 3, 1, 1),
+        dy + ar.view(1, 1, 32, 1),
+        dx + ar.view(1, 1, 1, 32),
+    ]
     flip = torch.rand(b, device=dev, generator=g) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
@@ -183,20 +186,32 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t = time.perf_counter()
-    tr, te = load_image_set(args.data, "train", limit=args.limit), load_image_set(args.data, "test",
-                                                                                   limit=args.eval_limit)
+    tr, te = (
+        load_image_set(args.data, "train", limit=args.limit),
+        load_image_set(args.data, "test", limit=args.eval_limit),
+    )
     xs, ys = tr.images.to(device), tr.labels.to(device)
     xt, yt = te.images.to(device), te.labels.to(device)
     decode_s = time.perf_counter() - t
     model = PreActResNet18(width=args.width).to(device).to(memory_format=torch.channels_last)
     train_s = train(args, model, xs, ys, device)
     model.eval().float().to(memory_format=torch.contiguous_format)
-    pgd20 = functools.partial(pgd, eps=EPS, step_size=2 / 255, steps=args.pgd_steps,
-                              generator=torch.Generator(device=device).manual_seed(1))
-    result = dict(attack=args.attack, epochs=args.epochs, batch=args.batch, lr=args.lr, train_images=xs.shape[0],
-                  test_images=xt.shape[0], train_seconds=round(train_s, 2), decode_seconds=round(decode_s, 2),
-                  clean=accuracy(model, xt, yt, 1000), pgd_steps=args.pgd_steps,
-                  pgd=accuracy(model, xt, yt, 500, pgd20))
+    pgd20 = functools.partial(
+        pgd, eps=EPS, step_size=2 / 255, steps=args.pgd_steps, generator=torch.Generator(device=device).manual_seed(1)
+    )
+    result = dict(
+        attack=args.attack,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        train_images=xs.shape[0],
+        test_images=xt.shape[0],
+        train_seconds=round(train_s, 2),
+        decode_seconds=round(decode_s, 2),
+        clean=accuracy(model, xt, yt, 1000),
+        pgd_steps=args.pgd_steps,
+        pgd=accuracy(model, xt, yt, 500, pgd20),
+    )
     if args.autoattack:
         from advtrain.eval import autoattack
 
@@ -205,9 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
             x_aa = autoattack(model, xt[:n].float() / 255, yt[:n], norm="linf", eps=EPS)
         with torch.no_grad():
             result |= {"autoattack": float((model(x_aa).argmax(1) == yt[:n]).float().mean()), "autoattack_n": n}
-    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                command="python benchmarks/cifar10_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        command="python benchmarks/cifar10_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print(json.dumps(result | meta, indent=2))
     stem = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"cifar10_{args.attack}"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def old_transform(size: int, *, randaugment: bool):
 def rate(fn, images: list[bytes], *, seconds: float, rounds: int) -> float:
     """Best-of-``rounds`` images per second of ``fn(data, generator)`` over the images (cycled, >= ``seconds``)."""
     best = 0.0
-    for r in range(rounds):
+    for _ in range(rounds):
         n, t0 = 0, time.perf_counter()
         while True:
             for data in images:
@@ -102,8 +102,11 @@ def rate(fn, images: list[bytes], *, seconds: float, rounds: int) -> float:
 
 
 def loader_rate(urls: list[str], size: int, *, seconds: float, rounds: int, decoder: str) -> float:
-    src = ShardSource(urls, transform=train_transform(size=size, scale=SCALE, randaugment=RANDAUG, decoder=decoder),
-                      shuffle_buffer=100)
+    src = ShardSource(
+        urls,
+        transform=train_transform(size=size, scale=SCALE, randaugment=RANDAUG, decoder=decoder),
+        shuffle_buffer=100,
+    )
     best = 0.0
     for _ in range(rounds):
         it = iter(make_loader(src, batch_size=32, seed=0))
@@ -160,8 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (the best is kept)")
     p.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
-    p.add_argument("--merge", nargs="+", default=None,
-                   help="instead of measuring: the best of each row over these earlier runs' .json files")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="instead of measuring: the best of each row over these earlier runs' .json files",
+    )
     args = p.parse_args(argv)
     if args.merge:
         result = merge([json.loads(Path(f).read_text()) for f in args.merge], argv)
@@ -180,15 +187,24 @@ def main(argv: list[str] | None = None) -> dict:
     for set_name, images in sets.items():
         dec = {d: rate(lambda b, g, d=d: decode_image(b, decoder=d), images, **kw) for d in decoders}
         for size in args.sizes:
-            paths = {"old (full decode, squash to 224, augment at 224)": lambda ra, size=size: old_transform(size, randaugment=ra)}
+            paths = {
+                "old (full decode, squash to 224, augment at 224)": lambda ra, size=size: old_transform(
+                    size, randaugment=ra
+                )
+            }
             for d in decoders:
                 paths[f"new ({d})"] = lambda ra, d=d, size=size: train_transform(
-                    size=size, scale=SCALE, randaugment=RANDAUG if ra else None, decoder=d)
+                    size=size, scale=SCALE, randaugment=RANDAUG if ra else None, decoder=d
+                )
             for name, make in paths.items():
-                row = {"images": set_name, "size": size, "path": name,
-                       "decode_full_img_s": dec["pillow"] if name.startswith("old") else dec[name[5:-1]],
-                       "crop_flip_img_s": rate(make(False), images, **kw),
-                       "full_aug_img_s": rate(make(True), images, **kw)}
+                row = {
+                    "images": set_name,
+                    "size": size,
+                    "path": name,
+                    "decode_full_img_s": dec["pillow"] if name.startswith("old") else dec[name[5:-1]],
+                    "crop_flip_img_s": rate(make(False), images, **kw),
+                    "full_aug_img_s": rate(make(True), images, **kw),
+                }
                 row["cores_for_7000"] = GPU_IMG_PER_S / row["full_aug_img_s"]
                 row["psnr_db"] = None if name.startswith("old") else quality(images, size, name[5:-1])
                 rows.append(row)
@@ -199,18 +215,34 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             for d in decoders:
                 r = loader_rate(urls, size, decoder=d, **kw)
-                loader_rows.append({"images": "imagenette224 shards", "size": size, "path": f"new ({d}), loader",
-                                    "full_aug_img_s": r, "cores_for_7000": GPU_IMG_PER_S / r})
+                loader_rows.append(
+                    {
+                        "images": "imagenette224 shards",
+                        "size": size,
+                        "path": f"new ({d}), loader",
+                        "full_aug_img_s": r,
+                        "cores_for_7000": GPU_IMG_PER_S / r,
+                    }
+                )
                 print(json.dumps(loader_rows[-1]), flush=True)
     import PIL
     import timm
 
-    meta = {"cpu": cpu_model(), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "pillow": PIL.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "simplejpeg": _version("simplejpeg"), "threads": torch.get_num_threads(),
-            "command": "python benchmarks/data_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "images_per_set": args.images, "seconds_per_round": args.seconds, "rounds_best_of": args.rounds,
-            "gpu_img_per_s": GPU_IMG_PER_S}
+    meta = {
+        "cpu": cpu_model(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "simplejpeg": _version("simplejpeg"),
+        "threads": torch.get_num_threads(),
+        "command": "python benchmarks/data_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "images_per_set": args.images,
+        "seconds_per_round": args.seconds,
+        "rounds_best_of": args.rounds,
+        "gpu_img_per_s": GPU_IMG_PER_S,
+    }
     result = {"meta": meta, "rows": rows, "loader_rows": loader_rows}
     if args.out:
         out = Path(args.out)
@@ -222,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def merge(runs: list[dict], argv) -> dict:
     """The best (highest img/s) of each row over several runs of the script (a busy machine only slows rows)."""
+
     def best(rows_per_run, key):
         out = []
         for rows in zip(*rows_per_run):
@@ -238,8 +271,11 @@ def merge(runs: list[dict], argv) -> dict:
     meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
     meta["runs_best_of"] = len(runs)
     meta["dates"] = sorted({r["meta"]["date"] for r in runs})
-    return {"meta": meta, "rows": best([r["rows"] for r in runs], "rows"),
-            "loader_rows": best([r["loader_rows"] for r in runs], "loader_rows")}
+    return {
+        "meta": meta,
+        "rows": best([r["rows"] for r in runs], "rows"),
+        "loader_rows": best([r["loader_rows"] for r in runs], "loader_rows"),
+    }
 
 
 def _version(name: str) -> str | None:
@@ -256,27 +292,41 @@ def format_table(result: dict) -> str:
     lines = [
         f"Per-core decode + augment throughput ({m['cpu']}, {m['date']}, torch {m['torch']}, Pillow {m['pillow']}, "
         f"simplejpeg {m['simplejpeg']}, timm {m['timm']}; 1 thread, best of {m['rounds_best_of']} rounds of >= "
-        f"{m['seconds_per_round']} s" + (f", best of {m['runs_best_of']} runs of the script per column (a busy shared "
-                                         f"machine: other jobs only slow a row down)" if m.get("runs_best_of") else "")
+        f"{m['seconds_per_round']} s"
+        + (
+            f", best of {m['runs_best_of']} runs of the script per column (a busy shared "
+            f"machine: other jobs only slow a row down)"
+            if m.get("runs_best_of")
+            else ""
+        )
         + f"; `{m['command']}`).",
         "",
-        ("Cores per GPU = 7,000 img/s (AdvXL stage 1 on one H100, ../shared/notes/gpu-measurements.md, measured "
-         "before the library existed) / full-augmentation img/s per core. PSNR: new output vs the same crop from the "
-         "full decode (RandAugment off)."),
+        (
+            "Cores per GPU = 7,000 img/s (AdvXL stage 1 on one H100, ../shared/notes/gpu-measurements.md, measured "
+            "before the library existed) / full-augmentation img/s per core. "
+            "PSNR: new output vs the same crop from the "
+            "full decode (RandAugment off)."
+        ),
         "",
         "| images | px | path | decode only img/s | crop+flip img/s | + RandAugment img/s | cores per GPU | PSNR dB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         q = "-" if r["psnr_db"] is None else ("identical" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f}")
-        lines.append(f"| {r['images']} | {r['size']} | {r['path']} | {r['decode_full_img_s']:.0f} | "
-                     f"{r['crop_flip_img_s']:.0f} | {r['full_aug_img_s']:.0f} | {r['cores_for_7000']:.1f} | {q} |")
+        lines.append(
+            f"| {r['images']} | {r['size']} | {r['path']} | {r['decode_full_img_s']:.0f} | "
+            f"{r['crop_flip_img_s']:.0f} | {r['full_aug_img_s']:.0f} | {r['cores_for_7000']:.1f} | {q} |"
+        )
     for r in result["loader_rows"]:
-        lines.append(f"| {r['images']} | {r['size']} | {r['path']} | - | - | {r['full_aug_img_s']:.0f} | "
-                     f"{r['cores_for_7000']:.1f} | - |")
+        lines.append(
+            f"| {r['images']} | {r['size']} | {r['path']} | - | - | {r['full_aug_img_s']:.0f} | "
+            f"{r['cores_for_7000']:.1f} | - |"
+        )
     lines.append("")
-    lines.append("A GPU decode path (torchvision.io.decode_jpeg on CUDA) is not part of advtrain.data and is not "
-                 "measured on a GPU.")
+    lines.append(
+        "A GPU decode path (torchvision.io.decode_jpeg on CUDA) is not part of advtrain.data and is not "
+        "measured on a GPU."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -31,10 +31,12 @@ from recipes.fast_advprop.config import Data, TrainConfig, cost_per_epoch, prese
 def configs(args) -> dict[str, TrainConfig]:
     base = preset("embedded")
     base = dataclasses.replace(
-        base, model=dataclasses.replace(base.model, name=args.model, kwargs={}, num_classes=10),
+        base,
+        model=dataclasses.replace(base.model, name=args.model, kwargs={}, num_classes=10),
         adv=dataclasses.replace(base.adv, p_adv=0.2, steps=1, bn_groups=args.bn_groups),
         data=Data(kind="digits", img_size=args.img_size, batch_size=args.batch, num_workers=0),
-        eval=dataclasses.replace(base.eval, corruptions=()))
+        eval=dataclasses.replace(base.eval, corruptions=()),
+    )
     adv = base.adv
     return {
         "vanilla": dataclasses.replace(base, method="vanilla"),
@@ -58,8 +60,10 @@ def main(argv: list[str] | None = None) -> str:
     cfgs = configs(args)
     dd = train.Dist()
     g = torch.Generator().manual_seed(0)
-    batch = [torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), generator=g, dtype=torch.uint8),
-             torch.randint(0, 10, (args.batch,), generator=g)]
+    batch = [
+        torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), generator=g, dtype=torch.uint8),
+        torch.randint(0, 10, (args.batch,), generator=g),
+    ]
     state = {}
     for name, cfg in cfgs.items():
         train.validate(cfg)
@@ -68,22 +72,27 @@ def main(argv: list[str] | None = None) -> str:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         state[name] = (cfg, model, opt, [])
     for i in range(args.warmup + args.steps):
-        for name, (cfg, model, opt, times) in state.items():
+        for cfg, model, opt, times in state.values():
             t0 = time.perf_counter()
             train.train_step(cfg, model, model, opt, batch, i, dd, None)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
     ms = {name: 1000 * statistics.median(s[3]) for name, s in state.items()}
-    lines = [f"{args.model}, {args.img_size} px, {args.batch} images / step, {args.threads} CPU thread(s), "
-             f"BN groups {args.bn_groups}, median of {args.steps} steps ({torch.__version__}, "
-             f"{torch.get_num_threads()} threads)", "",
-             "| method | images / step (clean + attacked) | ms / step | measured x vanilla "
-             "| passes x vanilla (accounting) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"{args.model}, {args.img_size} px, {args.batch} images / step, {args.threads} CPU thread(s), "
+        f"BN groups {args.bn_groups}, median of {args.steps} steps ({torch.__version__}, "
+        f"{torch.get_num_threads()} threads)",
+        "",
+        "| method | images / step (clean + attacked) | ms / step | measured x vanilla "
+        "| passes x vanilla (accounting) |",
+        "|---|---|---|---|---|",
+    ]
     for name, (cfg, *_rest) in state.items():
         n_clean, n_adv = split_counts(cfg, args.batch)
-        lines.append(f"| {name} | {n_clean} + {n_adv} | {ms[name]:.0f} | {ms[name] / ms['vanilla']:.2f} | "
-                     f"{cost_per_epoch(cfg):g} |")
+        lines.append(
+            f"| {name} | {n_clean} + {n_adv} | {ms[name]:.0f} | {ms[name] / ms['vanilla']:.2f} | "
+            f"{cost_per_epoch(cfg):g} |"
+        )
     table = "\n".join(lines)
     print(table)
     return table

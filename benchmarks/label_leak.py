@@ -52,9 +52,12 @@ def run_one(cfg, name: str) -> dict:
     out = train.main(cfg)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     final = out["evals"][-1] if out["evals"] else {}
-    return {"train_top1": second_half_means(rows), "final_eval": {k: v for k, v in final.items()
-                                                                  if k == "clean" or k.startswith("pgd")},
-            "seconds": round(time.perf_counter() - t0, 1), "rows": [r for r in rows if r["kind"] == "train"]}
+    return {
+        "train_top1": second_half_means(rows),
+        "final_eval": {k: v for k, v in final.items() if k == "clean" or k.startswith("pgd")},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": [r for r in rows if r["kind"] == "train"],
+    }
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"# Label leaking and shuffle-BN: Fast AdvProp recipe, preset `{args.preset}`",
         "",
         f"Command: `python benchmarks/label_leak.py --preset {args.preset}"
-        + "".join(f" --set {s}" for s in args.set) + "`",
+        + "".join(f" --set {s}" for s in args.set)
+        + "`",
         f"Date {time.strftime('%Y-%m-%d')}, device {device}, torch {torch.__version__}.",
         f"Batch {base.data.batch_size}, p_adv {a.p_adv}, PGD-{a.steps} eps {a.eps:.4g}, BN groups {a.bn_groups} "
         f"(attacked rows per group: {round(base.data.batch_size * a.p_adv) // a.bn_groups}).",
@@ -109,14 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results.items():
         t = r["train_top1"]
         ev = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["final_eval"].items())
-        lines.append(f"| {name} | {100 * t['clean']:.1f} | {100 * t['noisy']:.1f} | {100 * t['adv']:.1f} | "
-                     f"{100 * (t['adv'] - t['clean']):+.1f} | {ev} | {r['seconds']} |")
+        lines.append(
+            f"| {name} | {100 * t['clean']:.1f} | {100 * t['noisy']:.1f} | {100 * t['adv']:.1f} | "
+            f"{100 * (t['adv'] - t['clean']):+.1f} | {ev} | {r['seconds']} |"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"label_leak_{args.preset}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(
-        {k: {kk: vv for kk, vv in r.items() if kk != "rows"} for k, r in results.items()}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps({k: {kk: vv for kk, vv in r.items() if kk != "rows"} for k, r in results.items()}, indent=2) + "\n"
+    )
     plot(results, stem.with_suffix(".png"), f"Fast AdvProp, preset {args.preset}: training top-1 by pass")
     print("\n".join(lines))
     return results

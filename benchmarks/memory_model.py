@@ -63,24 +63,50 @@ def table(*, world: int, global_batch: int, precision: str = "bf16") -> list[dic
     for label, (name, kw) in MODELS.items():
         for size, stage in STAGES:
             for parallel, ac in SETUPS:
-                e = estimate_memory(name, img_size=size, batch_per_gpu=per, world=world, parallel=parallel,
-                                    activation_checkpointing=ac, precision=precision, model_kwargs=kw)
-                rows.append({"model": label, "timm": name, "stage": stage, "img": size, "tokens": e.tokens,
-                             "batch": per, "world": world, "parallel": parallel, "ac": ac, "n_params": e.n_params,
-                             **{k: getattr(e, k) / GiB for k in ("params", "grads", "optim", "working",
-                                                                  "activations", "total")}})
+                e = estimate_memory(
+                    name,
+                    img_size=size,
+                    batch_per_gpu=per,
+                    world=world,
+                    parallel=parallel,
+                    activation_checkpointing=ac,
+                    precision=precision,
+                    model_kwargs=kw,
+                )
+                rows.append(
+                    {
+                        "model": label,
+                        "timm": name,
+                        "stage": stage,
+                        "img": size,
+                        "tokens": e.tokens,
+                        "batch": per,
+                        "world": world,
+                        "parallel": parallel,
+                        "ac": ac,
+                        "n_params": e.n_params,
+                        **{
+                            k: getattr(e, k) / GiB
+                            for k in ("params", "grads", "optim", "working", "activations", "total")
+                        },
+                    }
+                )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| model | params | stage | px (tokens) | setup | params GiB | grads GiB | AdamW GiB | working GiB "
-            "| activations GiB | total GiB |")
+    head = (
+        "| model | params | stage | px (tokens) | setup | params GiB | grads GiB | AdamW GiB | working GiB "
+        "| activations GiB | total GiB |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         setup = r["parallel"].upper() + (" + AC" if r["ac"] else "")
-        lines.append(f"| {r['model']} | {r['n_params'] / 1e6:.0f}M | {r['stage']} | {r['img']} ({r['tokens']}) | "
-                     f"{setup} | {r['params']:.2f} | {r['grads']:.2f} | {r['optim']:.2f} | {r['working']:.2f} | "
-                     f"{r['activations']:.2f} | {r['total']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['n_params'] / 1e6:.0f}M | {r['stage']} | {r['img']} ({r['tokens']}) | "
+            f"{setup} | {r['params']:.2f} | {r['grads']:.2f} | {r['optim']:.2f} | {r['working']:.2f} | "
+            f"{r['activations']:.2f} | {r['total']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +151,9 @@ def tiny_vit(depth: int, **kw):
     import timm
 
     torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=8, depth=depth, embed_dim=32, num_heads=2, num_classes=10,
-               drop_path_rate=0.0) | kw
+    cfg = (
+        dict(img_size=32, patch_size=8, depth=depth, embed_dim=32, num_heads=2, num_classes=10, drop_path_rate=0.0) | kw
+    )
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **cfg), cfg
 
 
@@ -183,43 +210,89 @@ def check_rows() -> list[dict]:
         block = tokens * vit_block_bytes_per_token(dim=32, mlp_hidden=128, heads=2, mode=mode)
         copies = _block_copies(tiny_vit(1)[0].blocks[0]) if mode == "autocast" else 0
         measured = {d: saved_bytes(tiny_vit(d)[0].to(dtype).train(), x, mode) for d in (2, 4)}
-        rows.append({"mode": mode, "depth": "1 block", "pool": "-", "ac": False, "estimate": block + copies,
-                     "measured": (measured[4] - measured[2]) // 2, "how": "saved tensors"})
+        rows.append(
+            {
+                "mode": mode,
+                "depth": "1 block",
+                "pool": "-",
+                "ac": False,
+                "estimate": block + copies,
+                "measured": (measured[4] - measured[2]) // 2,
+                "how": "saved tensors",
+            }
+        )
         for depth, pool in ((2, "token"), (4, "token"), (2, "avg")):
             for ac in (False, True):
                 m, cfg = tiny_vit(depth, global_pool=pool)
                 m = m.to(dtype).train()
                 kw = {k: v for k, v in cfg.items() if k != "num_classes"}
-                e = estimate_memory("vit_tiny_patch16_224", img_size=32, batch_per_gpu=batch, world=1,
-                                    parallel=parallel, activation_checkpointing=ac, precision=precision,
-                                    num_classes=10, model_kwargs=kw)
+                e = estimate_memory(
+                    "vit_tiny_patch16_224",
+                    img_size=32,
+                    batch_per_gpu=batch,
+                    world=1,
+                    parallel=parallel,
+                    activation_checkpointing=ac,
+                    precision=precision,
+                    num_classes=10,
+                    model_kwargs=kw,
+                )
                 outside_copies = 0
                 if mode == "autocast":
                     outside_copies = _block_copies(m) - sum(_block_copies(b) for b in m.blocks)
                 if ac:
                     checkpoint_blocks_(m)
-                    rows.append({"mode": mode, "depth": depth, "pool": pool, "ac": True,
-                                 "estimate": e.activations - block + outside_copies,
-                                 "measured": live_after_forward(m, x, mode) + held, "how": "alive after forward"})
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "depth": depth,
+                            "pool": pool,
+                            "ac": True,
+                            "estimate": e.activations - block + outside_copies,
+                            "measured": live_after_forward(m, x, mode) + held,
+                            "how": "alive after forward",
+                        }
+                    )
                 else:
                     est = e.activations + (_block_copies(m) if mode == "autocast" else 0)
                     saved = saved_bytes(tiny_vit(depth, global_pool=pool)[0].to(dtype).train(), x, mode)
-                    rows.append({"mode": mode, "depth": depth, "pool": pool, "ac": False, "estimate": est,
-                                 "measured": saved, "how": "saved tensors"})
-                    rows.append({"mode": mode, "depth": depth, "pool": pool, "ac": False, "estimate": est,
-                                 "measured": live_after_forward(m, x, mode) + held,
-                                 "how": "alive after forward"})
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "depth": depth,
+                            "pool": pool,
+                            "ac": False,
+                            "estimate": est,
+                            "measured": saved,
+                            "how": "saved tensors",
+                        }
+                    )
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "depth": depth,
+                            "pool": pool,
+                            "ac": False,
+                            "estimate": est,
+                            "measured": live_after_forward(m, x, mode) + held,
+                            "how": "alive after forward",
+                        }
+                    )
     for r in rows:
         r["ratio"] = r["estimate"] / r["measured"]
     return rows
 
 
 def format_check(rows: list[dict]) -> str:
-    lines = ["| compute | depth | pooling | AC | estimate (bytes) | measured (bytes) | measured as | estimate / measured |",
-             "|" + "---|" * 8]
+    lines = [
+        "| compute | depth | pooling | AC | estimate (bytes) | measured (bytes) | measured as | estimate / measured |",
+        "|" + "---|" * 8,
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['depth']} | {r['pool']} | {'yes' if r['ac'] else 'no'} | {r['estimate']:,} | "
-                     f"{r['measured']:,} | {r['how']} | {r['ratio']:.3f} |")
+        lines.append(
+            f"| {r['mode']} | {r['depth']} | {r['pool']} | {'yes' if r['ac'] else 'no'} | {r['estimate']:,} | "
+            f"{r['measured']:,} | {r['how']} | {r['ratio']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -236,20 +309,24 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     torch.set_num_threads(1)
     rows = table(world=args.world, global_batch=args.global_batch)
     check = [] if args.no_check else check_rows()
-    text = (f"# Per-GPU memory model (estimate, not measured on a GPU)\n\n"
-            f"`python benchmarks/memory_model.py --world {args.world} --global-batch {args.global_batch}`; "
-            f"torch {torch.__version__}. Global batch {args.global_batch} on {args.world} GPUs = "
-            f"{args.global_batch // args.world} images per GPU; bf16 (DDP: autocast over fp32 weights; FSDP: "
-            f"bf16 MixedPrecisionPolicy); AdamW; no EMA. GiB = 2^30 bytes. `working`: DDP gradient buckets + "
-            f"autocast's bf16 weight copies; FSDP: gathered root + 2 blocks and one block's unsharded gradient "
-            f"with its reduce-scatter buffer. Activations: saved tensors at the start of the backward (+ one "
-            f"recomputed block under activation checkpointing, AC). Not modelled: allocator fragmentation, "
-            f"kernel workspaces, communication buffers.\n\n" + format_table(rows))
+    text = (
+        f"# Per-GPU memory model (estimate, not measured on a GPU)\n\n"
+        f"`python benchmarks/memory_model.py --world {args.world} --global-batch {args.global_batch}`; "
+        f"torch {torch.__version__}. Global batch {args.global_batch} on {args.world} GPUs = "
+        f"{args.global_batch // args.world} images per GPU; bf16 (DDP: autocast over fp32 weights; FSDP: "
+        f"bf16 MixedPrecisionPolicy); AdamW; no EMA. GiB = 2^30 bytes. `working`: DDP gradient buckets + "
+        f"autocast's bf16 weight copies; FSDP: gathered root + 2 blocks and one block's unsharded gradient "
+        f"with its reduce-scatter buffer. Activations: saved tensors at the start of the backward (+ one "
+        f"recomputed block under activation checkpointing, AC). Not modelled: allocator fragmentation, "
+        f"kernel workspaces, communication buffers.\n\n" + format_table(rows)
+    )
     if check:
-        text += ("\n## Check against CPU measurements (tiny timm ViTs, width 32, 2 heads, 17 tokens, batch 4)\n\n"
-                 "With AC the estimate shown is the retained part (block inputs, embeddings, head) without the "
-                 "recomputed block, which is the `1 block` row. Autocast rows include the bf16 weight copies "
-                 "that stay alive (the table counts them under `working`).\n\n" + format_check(check))
+        text += (
+            "\n## Check against CPU measurements (tiny timm ViTs, width 32, 2 heads, 17 tokens, batch 4)\n\n"
+            "With AC the estimate shown is the retained part (block inputs, embeddings, head) without the "
+            "recomputed block, which is the `1 block` row. Autocast rows include the bf16 weight copies "
+            "that stay alive (the table counts them under `working`).\n\n" + format_check(check)
+        )
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,15 +29,17 @@ def main() -> None:
     _, _, xv, yv = train.digits_arrays(cfg.run.seed)
     batches = [(xv[i : i + 150].float() / 255, yv[i : i + 150]) for i in range(0, len(yv), 150)]
     e = cfg.eval
-    attack = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
-                               generator=torch.Generator().manual_seed(0))
+    attack = functools.partial(
+        pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps, generator=torch.Generator().manual_seed(0)
+    )
     results = resolution_sweep(model, batches, sizes=[16, 24, 32, 40, 48], attacks={"pgd20": attack}, progress=False)
     table = format_resolution_table(results)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "resolution_embedded.md").write_text(
         f"Model: {run_dir} (trained 16 px then 32 px), digits val ({len(yv)} images), PGD-20 eps {e.eps}, "
-        f"step {e.pgd_step_size}; torch {torch.__version__}, CPU, 1 thread.\n\n{table}\n")
+        f"step {e.pgd_step_size}; torch {torch.__version__}, CPU, 1 thread.\n\n{table}\n"
+    )
     plot_resolution(results, out / "resolution_embedded.png")
     print(table)
 

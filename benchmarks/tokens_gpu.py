@@ -84,11 +84,11 @@ def sample_indices(r: Reducer, batch: int, grid: tuple[int, int], generator: tor
         case "none":
             return None
         case "random":
-            return sample_random_indices(batch, grid[0] * grid[1], keep_ratio=r.keep_ratio, generator=generator,
-                                         device=device)
+            return sample_random_indices(
+                batch, grid[0] * grid[1], keep_ratio=r.keep_ratio, generator=generator, device=device
+            )
         case "block":
-            return sample_block_indices(batch, grid=grid, keep_ratio=r.keep_ratio, generator=generator,
-                                        device=device)
+            return sample_block_indices(batch, grid=grid, keep_ratio=r.keep_ratio, generator=generator, device=device)
     raise ValueError(f"unknown mask {r.mask!r}")
 
 
@@ -157,8 +157,7 @@ def run_one(base, r: Reducer, args, device, amp_dtype) -> dict:
     if r.img_px != FULL_PX:
         resample_vit_(model, img_size=r.img_px)  # the same weights, run at r.img_px (before the optimizer)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
     forward_fn = torch.compile(vit_forward_tokens) if args.compile else vit_forward_tokens
     g = torch.Generator(device=device).manual_seed(SEED)
     x = torch.rand(args.batch, 3, FULL_PX, FULL_PX, generator=g, device=device)
@@ -176,10 +175,16 @@ def run_one(base, r: Reducer, args, device, amp_dtype) -> dict:
         case "block":
             kept = math.prod(block_shape((grid, grid), keep_ratio=r.keep_ratio))
     return {
-        "reducer": r.name, "img_px": r.img_px, "keep_ratio": r.keep_ratio, "mask": r.mask,
-        "patch_tokens": kept, "prefix_tokens": model.num_prefix_tokens,
+        "reducer": r.name,
+        "img_px": r.img_px,
+        "keep_ratio": r.keep_ratio,
+        "mask": r.mask,
+        "patch_tokens": kept,
+        "prefix_tokens": model.num_prefix_tokens,
         "forward_gflops_per_image": forward_gflops_per_image(base if r.img_px == FULL_PX else model, r, device),
-        "ms_per_step": ms, "ms_median": statistics.median(ms), "ms_mean": statistics.fmean(ms),
+        "ms_per_step": ms,
+        "ms_median": statistics.median(ms),
+        "ms_mean": statistics.fmean(ms),
         "images_per_s": args.batch / (statistics.median(ms) / 1e3),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -188,17 +193,26 @@ def run_one(base, r: Reducer, args, device, amp_dtype) -> dict:
 # ------------------------------------------------------------------------------------------ record
 def environment(device) -> dict:
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip())
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         rev, dirty = None, None
     return {
-        "git_revision": rev, "git_dirty": dirty, "torch": torch.__version__, "timm": timm.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "git_revision": rev,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
 
@@ -229,8 +243,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile vit_forward_tokens per config")
-    parser.add_argument("--amp", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="autocast dtype (float32: autocast off; only for smoke runs)")
+    parser.add_argument(
+        "--amp",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="autocast dtype (float32: autocast off; only for smoke runs)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="reducer names to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
@@ -254,18 +272,29 @@ def main() -> None:
     table = markdown(results, args.batch)
     print()
     print(table)
-    config = {"model": args.model, "full_px": FULL_PX, "batch": args.batch, "warmup": args.warmup,
-              "steps": args.steps, "eps": EPS, "step_size": STEP_SIZE, "pgd_steps": 1, "amp": args.amp,
-              "compile": args.compile, "lr": LR, "weight_decay": WEIGHT_DECAY, "seed": SEED,
-              "reducers": [dataclasses.asdict(r) for r in reducers]}
+    config = {
+        "model": args.model,
+        "full_px": FULL_PX,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "eps": EPS,
+        "step_size": STEP_SIZE,
+        "pgd_steps": 1,
+        "amp": args.amp,
+        "compile": args.compile,
+        "lr": LR,
+        "weight_decay": WEIGHT_DECAY,
+        "seed": SEED,
+        "reducers": [dataclasses.asdict(r) for r in reducers],
+    }
     env = environment(device)
     out = args.out
     if out is None:
         stamp = env["date"].replace(":", "").replace("-", "")
         out = Path(__file__).parent / "results" / f"tokens_gpu-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": config, "environment": env, "results": results, "table": table},
-                              indent=2))
+    out.write_text(json.dumps({"config": config, "environment": env, "results": results, "table": table}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -100,9 +100,14 @@ def image_encoder(channels: int, size: int, embed_dim: int) -> nn.Module:
 
     return nn.Sequential(
         Normalize(),
-        nn.Conv2d(channels, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Conv2d(channels, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
         nn.Linear(32 * 16, embed_dim),  # the projection to the text dimension is part of the trained image model
     )
 
@@ -125,8 +130,10 @@ def main() -> None:
     class_names = json.loads((args.data / "manifest.json").read_text())["class_names"]
     tower = tiny_text_tower()
     cache = TextCache()
-    print(f"{len(captions)} train images {tuple(x_train.shape[1:])} from {args.data}, "
-          f"{len(set(captions))} distinct captions; text tower {tower.name}, D = {tower.embed_dim}")
+    print(
+        f"{len(captions)} train images {tuple(x_train.shape[1:])} from {args.data}, "
+        f"{len(set(captions))} distinct captions; text tower {tower.name}, D = {tower.embed_dim}"
+    )
 
     # ------------------------------------------------------------------------------------------------------------
     # Adversarial training on the contrastive loss
@@ -160,13 +167,22 @@ def main() -> None:
     classify = nn.Sequential(model, ZeroShotHead(classifier, logit_scale=loss_module.logit_scale)).eval()
     with torch.no_grad():
         clean = (classify(x_test).argmax(1) == y_test).float().mean().item()
-    x_adv = pgd(classify, x_test, y_test, eps=args.eps or EPS, step_size=(args.eps or EPS) / 4,
-                steps=EVAL_ATTACK_STEPS, generator=torch.Generator().manual_seed(args.seed))
+    x_adv = pgd(
+        classify,
+        x_test,
+        y_test,
+        eps=args.eps or EPS,
+        step_size=(args.eps or EPS) / 4,
+        steps=EVAL_ATTACK_STEPS,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     with torch.no_grad():
         robust = (classify(x_adv).argmax(1) == y_test).float().mean().item()
-    print(f"zero-shot top-1 on {len(y_test)} test images: clean {clean:.1%}, "
-          f"PGD-{EVAL_ATTACK_STEPS} at eps {(args.eps or EPS) * 255:.0f}/255 {robust:.1%} "
-          f"(chance {1 / len(class_names):.0%}); {len(cache)} captions embedded; {time.perf_counter() - start:.1f} s")
+    print(
+        f"zero-shot top-1 on {len(y_test)} test images: clean {clean:.1%}, "
+        f"PGD-{EVAL_ATTACK_STEPS} at eps {(args.eps or EPS) * 255:.0f}/255 {robust:.1%} "
+        f"(chance {1 / len(class_names):.0%}); {len(cache)} captions embedded; {time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

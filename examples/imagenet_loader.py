@@ -29,8 +29,13 @@ from advtrain.training import StepTimer, cycle
 def main(spec: str, steps: int = 20) -> None:
     split = {"split": "train"} if "{" not in spec and "://" not in spec else {}
     train = ShardSource(spec, transform=train_transform(size=112, randaugment="rand-m9-mstd0.5-inc1"), **split)
-    val = ShardSource(spec, split="val", transform=val_transform(size=112), epochs=1, shuffle_shards=False,
-                      shuffle_buffer=0) if split else None
+    val = (
+        ShardSource(
+            spec, split="val", transform=val_transform(size=112), epochs=1, shuffle_shards=False, shuffle_buffer=0
+        )
+        if split
+        else None
+    )
     check_sources({"train": train} | ({"val": val} if val else {}), world=1, num_workers=2)  # before training
 
     loader = make_loader(train, batch_size=64, seed=0, num_workers=2)

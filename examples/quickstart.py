@@ -43,9 +43,16 @@ def batches(x, y, size, generator=None):
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -79,15 +86,16 @@ def main() -> None:
 
     x_tr, y_tr, x_te, y_te = digits(args.seed)
     print(f"sklearn digits: {len(y_tr)} train / {len(y_te)} test, 8x8 px; PGD-20 at eps {args.eps:.3f} (l_inf)")
-    pgd20 = functools.partial(pgd, eps=args.eps, step_size=args.eps / 8, steps=20,
-                              generator=torch.Generator().manual_seed(args.seed))
+    pgd20 = functools.partial(
+        pgd, eps=args.eps, step_size=args.eps / 8, steps=20, generator=torch.Generator().manual_seed(args.seed)
+    )
     rows = []
     for name, adversarial in [("standard", False), ("PGD-5 adversarial", True)]:
         model, seconds = train(x_tr, y_tr, adversarial=adversarial, eps=args.eps, epochs=args.epochs, seed=args.seed)
         r = evaluate(model, batches(x_te, y_te, 256), attacks={"pgd20": pgd20}, progress=False)
         rows.append((name, r.clean, r.robust["pgd20"], seconds))
 
-    print(f"\n| training | clean acc (%) | PGD-20 acc (%) | train time (s) |\n|---|---|---|---|")
+    print("\n| training | clean acc (%) | PGD-20 acc (%) | train time (s) |\n|---|---|---|---|")
     for name, clean, robust, seconds in rows:
         print(f"| {name} | {100 * clean:.1f} | {100 * robust:.1f} | {seconds:.1f} |")
     gain = 100 * (rows[1][2] - rows[0][2])

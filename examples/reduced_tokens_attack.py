@@ -79,15 +79,19 @@ def main(*, coarse_epochs: int = COARSE_EPOCHS, fine_epochs: int = FINE_EPOCHS) 
     g = torch.Generator().manual_seed(SEED)
     x_train, y_train, x_test, y_test = digits(g)
     torch.manual_seed(SEED)  # the model's initialization
-    model = VisionTransformer(img_size=COARSE_PX, patch_size=PATCH, in_chans=1, num_classes=10, embed_dim=64,
-                              depth=2, num_heads=4)  # a CLS token: never dropped by the mask
+    model = VisionTransformer(
+        img_size=COARSE_PX, patch_size=PATCH, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=4
+    )  # a CLS token: never dropped by the mask
 
     # ---------------------------------------------------------------------------------------- coarse: 8 tokens
-    coarse_loss = train(model, x_train, y_train, epochs=coarse_epochs, img_px=COARSE_PX, keep_ratio=KEEP_RATIO,
-                        generator=g)
+    coarse_loss = train(
+        model, x_train, y_train, epochs=coarse_epochs, img_px=COARSE_PX, keep_ratio=KEEP_RATIO, generator=g
+    )
     coarse_clean = accuracy(model, resize_reduce(x_test, COARSE_PX), y_test, steps=0, generator=g)
-    print(f"stage 1, {COARSE_PX} px, keep {KEEP_RATIO:.0%}: last adversarial loss {coarse_loss:.3f}, "
-          f"clean test accuracy at {COARSE_PX} px (every token) {coarse_clean:.1%}")
+    print(
+        f"stage 1, {COARSE_PX} px, keep {KEEP_RATIO:.0%}: last adversarial loss {coarse_loss:.3f}, "
+        f"clean test accuracy at {COARSE_PX} px (every token) {coarse_clean:.1%}"
+    )
 
     # ------------------------------------------------------------------------------------------ fine: 64 tokens
     resample_vit_(model, img_size=FULL_PX)

@@ -58,11 +58,18 @@ def config_keys(cls: type, *, width: int = 116) -> str:
         for g in dataclasses.fields(section):  # one level of nesting (stages.N.attack)
             if dataclasses.is_dataclass(sub_hints[g.name]):
                 sub = " ".join(h.name for h in dataclasses.fields(sub_hints[g.name]))
-                lines.append(textwrap.fill(sub, width=width, initial_indent=f"  {name.split(' ')[0]}.{g.name}: ",
-                                           subsequent_indent="      "))
+                lines.append(
+                    textwrap.fill(
+                        sub,
+                        width=width,
+                        initial_indent=f"  {name.split(' ')[0]}.{g.name}: ",
+                        subsequent_indent="      ",
+                    )
+                )
     if top:
-        lines.insert(0, textwrap.fill(" ".join(top), width=width, initial_indent="  (top level): ",
-                                      subsequent_indent="      "))
+        lines.insert(
+            0, textwrap.fill(" ".join(top), width=width, initial_indent="  (top level): ", subsequent_indent="      ")
+        )
     return "\n".join(lines)
 
 
@@ -77,20 +84,30 @@ def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset:
     usage block); ``--help`` lists every config key.
     """
     cls = type(preset("embedded" if "embedded" in presets else min(presets)))
-    epilog = ("config keys (override any as dotted.key=value; values are JSON, e.g. optim.lr=0.01, "
-              "eval.pgd_steps=10, data.path=\"/data\");\n--preset NAME --dry-run prints a preset's resolved values:\n"
-              + config_keys(cls))
-    p = argparse.ArgumentParser(prog=prog, description=plain(doc).rstrip() + "\n\n" + epilog,
-                                usage="%(prog)s [--preset NAME] [--dry-run] [--fresh] [cluster options] "
-                                      "[dotted.key=value ...]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = (
+        "config keys (override any as dotted.key=value; values are JSON, e.g. optim.lr=0.01, "
+        'eval.pgd_steps=10, data.path="/data");\n--preset NAME --dry-run prints a preset\'s resolved values:\n'
+        + config_keys(cls)
+    )
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=plain(doc).rstrip() + "\n\n" + epilog,
+        usage="%(prog)s [--preset NAME] [--dry-run] [--fresh] [cluster options] [dotted.key=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="embedded", choices=sorted(presets), help="a named configuration")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config (all but the data and other files, which are not read) and print it "
-                        "resolved (with --cluster: also the job parameters and sbatch script); runs nothing")
-    p.add_argument("--fresh", action="store_true",
-                   help="start over in run.out_dir: move an existing run's files (metrics, checkpoints, config) aside "
-                        "into a previous-<time> folder there (run.fresh=true)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config (all but the data and other files, which are not read) and print it "
+        "resolved (with --cluster: also the job parameters and sbatch script); runs nothing",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over in run.out_dir: move an existing run's files (metrics, checkpoints, config) aside "
+        "into a previous-<time> folder there (run.fresh=true)",
+    )
     p.add_argument("overrides", nargs="*", help=f"dotted.key=value (JSON values), e.g. {example}")
     cluster.add_cluster_args(p)
     args = p.parse_intermixed_args(argv)  # overrides before and after options: ... key=v --dry-run key2=w
@@ -116,8 +133,11 @@ def device_type(cfg, args: argparse.Namespace) -> str:
 
 def for_device(cfg, args: argparse.Namespace):
     """``cfg`` with ``run.precision`` fit for the device (bf16 -> fp32 on CPU unless asked); prints the notice."""
-    precision, notice = precision_for_device(cfg.run.precision, device_type=device_type(cfg, args),
-                                             explicit="run.precision" in getattr(args, "explicit", set()))
+    precision, notice = precision_for_device(
+        cfg.run.precision,
+        device_type=device_type(cfg, args),
+        explicit="run.precision" in getattr(args, "explicit", set()),
+    )
     if notice:
         print(notice, file=sys.stderr)
     if precision == cfg.run.precision:
@@ -140,8 +160,10 @@ def check_runs(cfgs: list, world: int, *, validate: Callable, files: bool = True
                 raise
             skipped.append(str(err))
         if c.data.batch_size % world:
-            raise ValueError(f"data.batch_size ({c.data.batch_size}) is the global batch: it must divide evenly over "
-                             f"{world} processes")
+            raise ValueError(
+                f"data.batch_size ({c.data.batch_size}) is the global batch: it must divide evenly over "
+                f"{world} processes"
+            )
         check_run_dir(c.run.out_dir, c.to_dict(), fresh=c.run.fresh)
     return skipped
 
@@ -150,8 +172,10 @@ def dry_run_note(skipped: list[str]) -> str:
     """The dry run's one line on what it did not check."""
     if not skipped:
         return "dry run: config checked; nothing was run"
-    return (f"dry run: config checked, the data and other files not read ({'; '.join(dict.fromkeys(skipped))}); "
-            "nothing was run")
+    return (
+        f"dry run: config checked, the data and other files not read ({'; '.join(dict.fromkeys(skipped))}); "
+        "nothing was run"
+    )
 
 
 def main(recipe: str, cfg, args: argparse.Namespace, *, check: Callable, run_local: Callable[[Any], Any]) -> None:

@@ -29,8 +29,16 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-__all__ = ["add_cluster_args", "launch", "RecipeJob", "executor_parameters", "absolute_paths", "sbatch_script",
-           "follow", "JobFailed"]
+__all__ = [
+    "add_cluster_args",
+    "launch",
+    "RecipeJob",
+    "executor_parameters",
+    "absolute_paths",
+    "sbatch_script",
+    "follow",
+    "JobFailed",
+]
 
 
 class JobFailed(RuntimeError):
@@ -40,26 +48,51 @@ class JobFailed(RuntimeError):
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """Adds ``--cluster`` and the resource options (nodes, GPUs, CPUs, partition, time, account, sbatch extras)."""
     g = p.add_argument_group("cluster (submitit)", "without --cluster the job runs in this process")
-    g.add_argument("--cluster", choices=("local", "slurm"), default=None,
-                   help="submit through submitit: 'slurm' (sbatch) or 'local' (the same job object on this machine)")
+    g.add_argument(
+        "--cluster",
+        choices=("local", "slurm"),
+        default=None,
+        help="submit through submitit: 'slurm' (sbatch) or 'local' (the same job object on this machine)",
+    )
     g.add_argument("--nodes", type=int, default=1, help="SLURM nodes")
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one training process per GPU")
-    g.add_argument("--tasks-per-node", type=int, default=None,
-                   help="processes per node (default: --gpus-per-node, or 1 on CPU); >1 on CPU trains with gloo DDP")
-    g.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPU cores per process (data loading, CPU math; default: data.num_workers + 1)")
+    g.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="processes per node (default: --gpus-per-node, or 1 on CPU); >1 on CPU trains with gloo DDP",
+    )
+    g.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help="CPU cores per process (data loading, CPU math; default: data.num_workers + 1)",
+    )
     g.add_argument("--mem-gb", type=int, default=None, help="memory per node in GiB (default: the cluster's)")
     g.add_argument("--partition", default=None, help="SLURM partition")
     g.add_argument("--account", default=None, help="SLURM account to charge")
-    g.add_argument("--time", type=int, default=60, metavar="MINUTES",
-                   help="time limit per allocation; on time-out the job is requeued from its latest checkpoint")
+    g.add_argument(
+        "--time",
+        type=int,
+        default=60,
+        metavar="MINUTES",
+        help="time limit per allocation; on time-out the job is requeued from its latest checkpoint",
+    )
     g.add_argument("--max-requeues", type=int, default=3, help="time-outs after which the job is not requeued again")
     g.add_argument("--job-name", default=None, help="job name (default: the recipe's name)")
-    g.add_argument("--job-dir", default=None,
-                   help="submitit's folder for pickles and logs (default: <run.out_dir>/submitit); must be on a "
-                        "filesystem the nodes share")
-    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra #SBATCH parameter, repeatable, e.g. --sbatch qos=high --sbatch constraint=a100")
+    g.add_argument(
+        "--job-dir",
+        default=None,
+        help="submitit's folder for pickles and logs (default: <run.out_dir>/submitit); must be on a "
+        "filesystem the nodes share",
+    )
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra #SBATCH parameter, repeatable, e.g. --sbatch qos=high --sbatch constraint=a100",
+    )
     g.add_argument("--detach", action="store_true", help="print the job id and log paths and return at once")
 
 
@@ -83,7 +116,8 @@ def executor_parameters(args: argparse.Namespace, *, name: str, cfg=None) -> dic
         >>> import argparse
         >>> p = argparse.ArgumentParser(); add_cluster_args(p)
         >>> a = p.parse_args(["--cluster", "slurm", "--gpus-per-node", "8", "--partition", "gpu"])
-        >>> executor_parameters(a, name="advxl")["tasks_per_node"], executor_parameters(a, name="advxl")["slurm_partition"]
+        >>> params = executor_parameters(a, name="advxl")
+        >>> params["tasks_per_node"], params["slurm_partition"]
         (8, 'gpu')
     """
     for opt, least in (("nodes", 1), ("gpus_per_node", 0), ("time", 1), ("max_requeues", 0)):
@@ -93,12 +127,14 @@ def executor_parameters(args: argparse.Namespace, *, name: str, cfg=None) -> dic
     if tasks < 1:
         raise ValueError(f"--tasks-per-node must be >= 1, got {tasks}")
     if args.gpus_per_node and tasks != args.gpus_per_node:
-        raise ValueError(f"one process per GPU: --tasks-per-node ({tasks}) must equal --gpus-per-node "
-                         f"({args.gpus_per_node})")
+        raise ValueError(
+            f"one process per GPU: --tasks-per-node ({tasks}) must equal --gpus-per-node ({args.gpus_per_node})"
+        )
     if args.cluster == "local" and args.nodes != 1:
         raise ValueError(f"--cluster local runs on this machine: --nodes must be 1, got {args.nodes}")
-    params: dict[str, Any] = dict(name=args.job_name or name, timeout_min=args.time, nodes=args.nodes,
-                                  tasks_per_node=tasks)
+    params: dict[str, Any] = dict(
+        name=args.job_name or name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks
+    )
     if args.gpus_per_node:  # never "--gpus-per-node=0": a cluster without GPU gres rejects it
         params["gpus_per_node"] = args.gpus_per_node
     if args.cpus_per_task is not None:
@@ -166,8 +202,11 @@ class RecipeJob:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for init_process_group(init_method="env://"); the
             # recipe picks cuda:LOCAL_RANK itself, so every process keeps seeing all of the node's GPUs
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        print(f"[cluster] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}; "
-              f"run directory {self.cfg.run.out_dir}", flush=True)
+        print(
+            f"[cluster] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}; "
+            f"run directory {self.cfg.run.out_dir}",
+            flush=True,
+        )
         launch_module = importlib.import_module(f"recipes.{self.recipe}.launch")
         return _summary(launch_module.run_local(self.cfg))
 
@@ -175,11 +214,17 @@ class RecipeJob:
         """Called by submitit on preemption or time-out: requeue the same job; it resumes from the latest checkpoint."""
         import submitit
 
-        print(f"[cluster] preempted or timed out: requeueing; the run resumes from the latest checkpoint in "
-              f"{self.cfg.run.out_dir}", flush=True)
+        print(
+            f"[cluster] preempted or timed out: requeueing; the run resumes from the latest checkpoint in "
+            f"{self.cfg.run.out_dir}",
+            flush=True,
+        )
         # a requeued job resumes: a --fresh start applies to the first allocation only
-        cfg = dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, fresh=False)) \
-            if getattr(self.cfg.run, "fresh", False) else self.cfg
+        cfg = (
+            dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, fresh=False))
+            if getattr(self.cfg.run, "fresh", False)
+            else self.cfg
+        )
         return submitit.helpers.DelayedSubmission(RecipeJob(self.recipe, cfg))
 
 
@@ -226,8 +271,10 @@ def follow(job, *, poll_s: float = 2.0, out=print) -> Any:
     try:
         result = job.results()[0]  # rank 0's (every task returns; a multi-task job has no single result())
     except Exception as err:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
-        raise JobFailed(f"job {job.job_id} failed ({job.state}):\n{err}\n\n--- tail of {job.paths.stderr} ---\n"
-                        f"{_tail(job.stderr())}") from err
+        raise JobFailed(
+            f"job {job.job_id} failed ({job.state}):\n{err}\n\n--- tail of {job.paths.stderr} ---\n"
+            f"{_tail(job.stderr())}"
+        ) from err
     out(f"[cluster] job {job.job_id}: finished")
     return result
 
@@ -253,11 +300,23 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
     try:
         executor = _executor(args, folder, params)
     except RuntimeError as err:  # submitit: no srun on this machine
-        raise JobFailed(f"could not set up a {args.cluster} submission of {recipe}: {err} (run this on a login node "
-                        "of the cluster; --dry-run prints the sbatch script anywhere)") from err
+        raise JobFailed(
+            f"could not set up a {args.cluster} submission of {recipe}: {err} (run this on a login node "
+            "of the cluster; --dry-run prints the sbatch script anywhere)"
+        ) from err
     if args.dry_run:
-        print(json.dumps({"cluster": args.cluster, "world_size": world, "job_dir": str(folder),
-                          "executor": params, "config": cfg.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "cluster": args.cluster,
+                    "world_size": world,
+                    "job_dir": str(folder),
+                    "executor": params,
+                    "config": cfg.to_dict(),
+                },
+                indent=2,
+            )
+        )
         if args.cluster == "slurm":
             print("\n# sbatch script that would be submitted:\n" + sbatch_script(executor))
         from recipes.cli import dry_run_note
@@ -270,9 +329,12 @@ def launch(recipe: str, cfg, args: argparse.Namespace, *, check) -> Any:
     except Exception as err:  # sbatch missing, controller down, a partition or account it refuses...
         hint = " Is SLURM reachable from here (`sinfo`)?" if args.cluster == "slurm" else ""
         raise JobFailed(f"could not submit the {recipe} job ({type(err).__name__}): {str(err).strip()}.{hint}") from err
-    print(f"[cluster] submitted {recipe} as job {job.job_id} ({args.cluster}, {world} process"
-          f"{'es' if world > 1 else ''})\n[cluster] stdout: {job.paths.stdout}\n[cluster] stderr: {job.paths.stderr}"
-          f"\n[cluster] run directory: {cfg.run.out_dir}", flush=True)
+    print(
+        f"[cluster] submitted {recipe} as job {job.job_id} ({args.cluster}, {world} process"
+        f"{'es' if world > 1 else ''})\n[cluster] stdout: {job.paths.stdout}\n[cluster] stderr: {job.paths.stderr}"
+        f"\n[cluster] run directory: {cfg.run.out_dir}",
+        flush=True,
+    )
     if args.detach:
         if args.cluster == "slurm":
             print(f"[cluster] follow: squeue -j {job.job_id}; tail -f {job.paths.stdout}; cancel: scancel {job.job_id}")

@@ -53,21 +53,41 @@ def brute_force_projection(z: np.ndarray, x: np.ndarray, eps: float, norm: str, 
         jac = lambda w: np.concatenate([2 * (x + w[:n] - w[n:] - z), -2 * (x + w[:n] - w[n:] - z)])  # noqa: E731
         cons = [
             {"type": "ineq", "fun": lambda w: eps - w.sum(), "jac": lambda w: -np.ones(2 * n)},
-            {"type": "ineq", "fun": lambda w: hi - (x + w[:n] - w[n:]),
-             "jac": lambda w: np.concatenate([-np.eye(n), np.eye(n)], 1)},
-            {"type": "ineq", "fun": lambda w: (x + w[:n] - w[n:]) - lo,
-             "jac": lambda w: np.concatenate([np.eye(n), -np.eye(n)], 1)},
+            {
+                "type": "ineq",
+                "fun": lambda w: hi - (x + w[:n] - w[n:]),
+                "jac": lambda w: np.concatenate([-np.eye(n), np.eye(n)], 1),
+            },
+            {
+                "type": "ineq",
+                "fun": lambda w: (x + w[:n] - w[n:]) - lo,
+                "jac": lambda w: np.concatenate([np.eye(n), -np.eye(n)], 1),
+            },
         ]
-        r = minimize(obj, w0, jac=jac, constraints=cons, bounds=[(0, None)] * (2 * n), method="SLSQP",
-                     options={"ftol": 1e-15, "maxiter": 1000})
+        r = minimize(
+            obj,
+            w0,
+            jac=jac,
+            constraints=cons,
+            bounds=[(0, None)] * (2 * n),
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 1000},
+        )
         return _shrink_into_ball(x + r.x[:n] - r.x[n:], x, eps, 1)
     if norm == "l2":
         obj = lambda p: np.sum((p - z) ** 2)  # noqa: E731
         jac = lambda p: 2 * (p - z)  # noqa: E731
         cons = [{"type": "ineq", "fun": lambda p: eps**2 - np.sum((p - x) ** 2), "jac": lambda p: -2 * (p - x)}]
         p0 = x.copy()
-        r = minimize(obj, p0, jac=jac, constraints=cons, bounds=[(lo, hi)] * n, method="SLSQP",
-                     options={"ftol": 1e-15, "maxiter": 1000})
+        r = minimize(
+            obj,
+            p0,
+            jac=jac,
+            constraints=cons,
+            bounds=[(lo, hi)] * n,
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 1000},
+        )
         return _shrink_into_ball(np.clip(r.x, lo, hi), x, eps, 2)
     if norm == "linf":
         return np.clip(z, np.maximum(lo, x - eps), np.minimum(hi, x + eps))

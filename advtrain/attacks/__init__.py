@@ -18,5 +18,13 @@ from advtrain.attacks._project import project
 from advtrain.attacks._projections import Norm
 
 __all__ = [
-    "DetachedParams", "NonFiniteWarning", "Norm", "apgd", "detach_params", "fgsm", "pgd", "project", "random_in_ball",
+    "DetachedParams",
+    "NonFiniteWarning",
+    "Norm",
+    "apgd",
+    "detach_params",
+    "fgsm",
+    "pgd",
+    "project",
+    "random_in_ball",
 ]

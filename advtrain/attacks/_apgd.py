@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -124,21 +123,53 @@ def apgd(
         Singh, Croce & Hein, "Revisiting Adversarial Training for ImageNet: Architectures, Training and
         Generalization across Threat Models", NeurIPS 2023, arXiv 2303.01870 (2-step APGD for training).
     """
-    a = prepare_attack("apgd", model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
-                       l1_sparsity=l1_sparsity, stacklevel=2)
+    a = prepare_attack(
+        "apgd",
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=steps,
+        norm=norm,
+        loss_fn=loss_fn,
+        bounds=bounds,
+        l1_sparsity=l1_sparsity,
+        stacklevel=2,
+    )
     rho = _checks.check_fraction(rho, "rho")
     momentum = _checks.check_fraction(momentum, "momentum")
-    lo, hi, steps, eps64, eps_t, work, loss_fn, l1_sparsity = (a.lo, a.hi, a.steps, a.eps64, a.eps, a.work, a.loss_fn,
-                                                               a.l1_sparsity)
+    lo, hi, steps, eps64, eps_t, work, loss_fn, l1_sparsity = (
+        a.lo,
+        a.hi,
+        a.steps,
+        a.eps64,
+        a.eps,
+        a.work,
+        a.loss_fn,
+        a.l1_sparsity,
+    )
     if x.numel() == 0:
         return x.detach().clone()
 
     skipped = _guard.Skipped(x.shape[0], x.device)
     with _checks.preserve_model_state(model), torch.enable_grad():
         delta = _attack(
-            model, x, y, eps_t, steps=steps, norm=norm, loss_fn=loss_fn, sign=-1.0 if targeted else 1.0, rho=rho,
-            momentum=momentum, random_start=random_start, bounds=(lo, hi), l1_sparsity=l1_sparsity,
-            generator=generator, work=work, skipped=skipped,
+            model,
+            x,
+            y,
+            eps_t,
+            steps=steps,
+            norm=norm,
+            loss_fn=loss_fn,
+            sign=-1.0 if targeted else 1.0,
+            rho=rho,
+            momentum=momentum,
+            random_start=random_start,
+            bounds=(lo, hi),
+            l1_sparsity=l1_sparsity,
+            generator=generator,
+            work=work,
+            skipped=skipped,
         )
     skipped.warn("apgd", stacklevel=2)
     return _finalize(x, delta, eps64, norm, (lo, hi))
@@ -162,8 +193,25 @@ def _checkpoints(steps: int) -> list[int]:
     return sorted(set(out))
 
 
-def _attack(model, x, y, eps, *, steps, norm, loss_fn, sign, rho, momentum, random_start, bounds, l1_sparsity,
-            generator, work, skipped):
+def _attack(
+    model,
+    x,
+    y,
+    eps,
+    *,
+    steps,
+    norm,
+    loss_fn,
+    sign,
+    rho,
+    momentum,
+    random_start,
+    bounds,
+    l1_sparsity,
+    generator,
+    work,
+    skipped,
+):
     lo, hi = bounds
     xw = x.detach().flatten(1).to(work)
     lo_d, hi_d = lo - xw, hi - xw  # the box, in perturbation space
@@ -220,8 +268,9 @@ def _attack(model, x, y, eps, *, steps, norm, loss_fn, sign, rho, momentum, rand
             step = _sparse_direction(grad, delta, lo_d, hi_d, kk) * eta.unsqueeze(1)
             new = project_delta(delta + step, lo_d, hi_d, eps, norm)
         else:
-            z = project_delta(delta + _direction(grad, norm, delta, lo_d, hi_d, 1) * eta.unsqueeze(1), lo_d, hi_d,
-                              eps, norm)
+            z = project_delta(
+                delta + _direction(grad, norm, delta, lo_d, hi_d, 1) * eta.unsqueeze(1), lo_d, hi_d, eps, norm
+            )
             a = 1.0 if k == 0 else momentum
             new = project_delta(delta + a * (z - delta) + (1 - a) * (delta - prev), lo_d, hi_d, eps, norm)
         new_score, new_grad, bad = evaluate(new, k + 1 < steps)

@@ -79,8 +79,11 @@ def check_label_min(name: str, y_min: int) -> None:
     if y_min < 0:
         raise ValueError(
             f"{name} needs hard labels in [0, num_classes); got a label {y_min}"
-            + (" (cross-entropy's ignore_index: drop those samples, or pass a loss_fn that ignores them)"
-               if y_min == -100 else "")
+            + (
+                " (cross-entropy's ignore_index: drop those samples, or pass a loss_fn that ignores them)"
+                if y_min == -100
+                else ""
+            )
         )
 
 
@@ -153,8 +156,9 @@ def eps_and_max(eps: Any, batch: int, device: torch.device, dtype: torch.dtype) 
     return torch.full((batch,), float(eps), device=device, dtype=dtype), float(eps)
 
 
-def warn_if_ball_holds_box(name: str, eps_max: float, norm: str, n: int, bounds: tuple[float, float], *,
-                           stacklevel: int) -> None:
+def warn_if_ball_holds_box(
+    name: str, eps_max: float, norm: str, n: int, bounds: tuple[float, float], *, stacklevel: int
+) -> None:
     """Warns when the eps-ball contains the whole box whatever ``x`` is: ``eps >= (hi - lo) * n^(1/p)``.
 
     That radius is the box's diameter in the norm (1 for l_inf on [0, 1], sqrt(n) for l_2, n for l_1), so the

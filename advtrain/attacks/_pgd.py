@@ -41,7 +41,8 @@ def pgd(
     with the steepest-ascent direction :math:`s` of each norm: :math:`\mathrm{sign}(g)` for l_inf,
     :math:`g / \|g\|_2` for l_2, and for l_1 a sparse step on the ``l1_sparsity`` fraction of coordinates with the
     largest :math:`|g_i|` that the box lets move, scaled to l_1 length :math:`\alpha` (SLIDE), or to the l_1
-    budget left while the ball is not yet full (an overshoot would be soft-thresholded off every coordinate). :math:`\Pi` is the
+    budget left while the ball is not yet full (an overshoot would be soft-thresholded off every coordinate).
+    :math:`\Pi` is the
     exact Euclidean projection onto the intersection (a clamp for l_inf, sort-based solvers for l_2 and l_1). The
     random start is uniform in the ball (not on its surface), then projected. A targeted attack descends the loss.
 
@@ -107,7 +108,8 @@ def pgd(
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
-        >>> x_adv = pgd(model, x, y, eps=4 / 255, step_size=1 / 255, steps=3, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x_adv = pgd(model, x, y, eps=4 / 255, step_size=1 / 255, steps=3, generator=g)
         >>> bool(((x_adv - x).abs() <= 4 / 255 + 1e-7).all()), x_adv.shape == x.shape
         (True, True)
 
@@ -117,17 +119,58 @@ def pgd(
         Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks", arXiv 2103.01208.
     """
     return _pgd(
-        "pgd", model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss_fn=loss_fn, targeted=targeted,
-        random_start=random_start, bounds=bounds, return_best=return_best, l1_sparsity=l1_sparsity,
-        generator=generator, stacklevel=3,
+        "pgd",
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        norm=norm,
+        loss_fn=loss_fn,
+        targeted=targeted,
+        random_start=random_start,
+        bounds=bounds,
+        return_best=return_best,
+        l1_sparsity=l1_sparsity,
+        generator=generator,
+        stacklevel=3,
     )
 
 
-def _pgd(name, model, x, y, *, eps, step_size, steps, norm, loss_fn, targeted, random_start, bounds, return_best,
-         l1_sparsity, generator, stacklevel):
+def _pgd(
+    name,
+    model,
+    x,
+    y,
+    *,
+    eps,
+    step_size,
+    steps,
+    norm,
+    loss_fn,
+    targeted,
+    random_start,
+    bounds,
+    return_best,
+    l1_sparsity,
+    generator,
+    stacklevel,
+):
     """pgd and fgsm; ``stacklevel`` points warnings at the user's call (as ``warnings.warn`` counts it here)."""
-    a = prepare_attack(name, model, x, y, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, bounds=bounds,
-                       l1_sparsity=l1_sparsity, stacklevel=stacklevel)
+    a = prepare_attack(
+        name,
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=steps,
+        norm=norm,
+        loss_fn=loss_fn,
+        bounds=bounds,
+        l1_sparsity=l1_sparsity,
+        stacklevel=stacklevel,
+    )
     step_sizes = _checks.check_step_sizes(step_size, a.steps)
     lo, hi, eps64, eps_t, work, loss_fn, l1_sparsity = a.lo, a.hi, a.eps64, a.eps, a.work, a.loss_fn, a.l1_sparsity
     if x.numel() == 0:
@@ -136,9 +179,21 @@ def _pgd(name, model, x, y, *, eps, step_size, steps, norm, loss_fn, targeted, r
     skipped = _guard.Skipped(x.shape[0], x.device)
     with _checks.preserve_model_state(model), torch.enable_grad():
         delta = _attack(
-            model, x, y, eps_t, step_sizes=step_sizes, norm=norm, loss_fn=loss_fn, targeted=targeted,
-            random_start=random_start, bounds=(lo, hi), return_best=return_best, l1_sparsity=l1_sparsity,
-            generator=generator, work=work, skipped=skipped,
+            model,
+            x,
+            y,
+            eps_t,
+            step_sizes=step_sizes,
+            norm=norm,
+            loss_fn=loss_fn,
+            targeted=targeted,
+            random_start=random_start,
+            bounds=(lo, hi),
+            return_best=return_best,
+            l1_sparsity=l1_sparsity,
+            generator=generator,
+            work=work,
+            skipped=skipped,
         )
     skipped.warn(name, stacklevel=stacklevel)
     return _finalize(x, delta, eps64, norm, (lo, hi))
@@ -157,8 +212,9 @@ class Prepared(NamedTuple):
     l1_sparsity: float
 
 
-def prepare_attack(name: str, model, x, y, *, eps, steps, norm, loss_fn, bounds, l1_sparsity,
-                   stacklevel: int) -> Prepared:
+def prepare_attack(
+    name: str, model, x, y, *, eps, steps, norm, loss_fn, bounds, l1_sparsity, stacklevel: int
+) -> Prepared:
     """The checks every attack shares, all before any work (nothing is half-done when one fails).
 
     One host sync checks ``x`` and reads the extremes of hard labels; an eps tensor costs one more (as before).
@@ -246,8 +302,21 @@ def fgsm(
             raise TypeError("fgsm needs an explicit step_size when eps is a tensor")
         step_size = eps if eps > 0 else 1.0
     return _pgd(
-        "fgsm", model, x, y, eps=eps, step_size=step_size, steps=1, norm=norm, loss_fn=loss_fn, targeted=targeted,
-        random_start=random_start, bounds=bounds, return_best=False, l1_sparsity=l1_sparsity, generator=generator,
+        "fgsm",
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=1,
+        norm=norm,
+        loss_fn=loss_fn,
+        targeted=targeted,
+        random_start=random_start,
+        bounds=bounds,
+        return_best=False,
+        l1_sparsity=l1_sparsity,
+        generator=generator,
         stacklevel=3,
     )
 
@@ -256,8 +325,24 @@ def fgsm(
 # The loop, on flattened (B, n) perturbations in float32 (float64 for float64 inputs).
 
 
-def _attack(model, x, y, eps, *, step_sizes, norm, loss_fn, targeted, random_start, bounds, return_best,
-            l1_sparsity, generator, work, skipped):
+def _attack(
+    model,
+    x,
+    y,
+    eps,
+    *,
+    step_sizes,
+    norm,
+    loss_fn,
+    targeted,
+    random_start,
+    bounds,
+    return_best,
+    l1_sparsity,
+    generator,
+    work,
+    skipped,
+):
     lo, hi = bounds
     xw = x.detach().flatten(1).to(work)
     lo_d, hi_d = lo - xw, hi - xw  # the box, in perturbation space

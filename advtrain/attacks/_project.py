@@ -10,12 +10,7 @@ from advtrain.attacks._projections import Norm, project_delta
 
 
 def project(
-    x_adv: Tensor,
-    x: Tensor,
-    *,
-    eps: float | Tensor,
-    norm: Norm,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    x_adv: Tensor, x: Tensor, *, eps: float | Tensor, norm: Norm, bounds: tuple[float, float] = (0.0, 1.0)
 ) -> Tensor:
     r"""Euclidean projection of ``x_adv`` onto :math:`\{z : \|z - x\| \le \epsilon,\ lo \le z \le hi\}`.
 

@@ -136,7 +136,7 @@ def _gather_rows(x: Tensor, perm: Tensor, group) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     n = x.shape[0]
-    return torch.cat(parts)[perm[rank * n:(rank + 1) * n].to(x.device)]
+    return torch.cat(parts)[perm[rank * n : (rank + 1) * n].to(x.device)]
 
 
 class _ExchangeRows(torch.autograd.Function):
@@ -187,17 +187,14 @@ def exchange_rows(x: Tensor, perm: Tensor, *, group: Any = None) -> Tensor:
     """
     world, _ = _world(group)
     if perm.ndim != 1 or perm.shape[0] != world * x.shape[0]:
-        raise ValueError(f"perm must have world_size * n = {world} * {x.shape[0]} entries; got shape "
-                         f"{tuple(perm.shape)}")
+        raise ValueError(
+            f"perm must have world_size * n = {world} * {x.shape[0]} entries; got shape {tuple(perm.shape)}"
+        )
     return _ExchangeRows.apply(x, perm, group)
 
 
 def shuffle_across_ranks(
-    x: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    sources: Tensor | None = None,
-    group: Any = None,
+    x: Tensor, *, generator: torch.Generator | None = None, sources: Tensor | None = None, group: Any = None
 ) -> tuple[Tensor, Tensor]:
     r"""Shuffle-BN across ranks: gathers every rank's rows, permutes them, and hands each rank ``n`` of them.
 

@@ -132,8 +132,9 @@ def _plain_class(bn: SplitBatchNorm) -> type[_BatchNorm]:
 
 def _rebuild(cls: type[_BatchNorm], bn: _BatchNorm, *, clone: bool = False) -> _BatchNorm:
     """A ``cls`` module with ``bn``'s hyperparameters that holds ``bn``'s own tensors, or copies of them."""
-    kw: dict[str, Any] = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                              track_running_stats=bn.track_running_stats)
+    kw: dict[str, Any] = dict(
+        eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
+    )
     if issubclass(cls, nn.SyncBatchNorm):
         kw["process_group"] = getattr(bn, "process_group", None)
     new = cls(bn.num_features, device="meta", **kw)  # meta: nothing is allocated before the tensors are swapped in
@@ -149,8 +150,9 @@ def _rebuild(cls: type[_BatchNorm], bn: _BatchNorm, *, clone: bool = False) -> _
     return new
 
 
-def _replace(model: nn.Module, want: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
-             name: str) -> nn.Module:
+def _replace(
+    model: nn.Module, want: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module], name: str
+) -> nn.Module:
     if want(model):
         raise TypeError(
             f"{name} replaces modules inside a model; the model itself is a {type(model).__name__}: "
@@ -276,8 +278,9 @@ def revert_split_bn_(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    return _replace(model, lambda m: isinstance(m, SplitBatchNorm), lambda m: _rebuild(_plain_class(m), m),
-                    "revert_split_bn_")
+    return _replace(
+        model, lambda m: isinstance(m, SplitBatchNorm), lambda m: _rebuild(_plain_class(m), m), "revert_split_bn_"
+    )
 
 
 def _split_modules(model: nn.Module, caller: str) -> list[SplitBatchNorm]:
@@ -322,7 +325,8 @@ def bn_route(
 
     Raises:
         ValueError: both or neither of ``route`` and ``split``; an unknown route; negative counts, or both 0;
-            a model without split BatchNorms. A forward in a split block raises ValueError when the batch has another size.
+            a model without split BatchNorms. A forward in a split block raises ValueError when the batch has
+            another size.
         TypeError: non-integer counts.
 
     Side effects:
@@ -344,8 +348,10 @@ def bn_route(
         Xie et al., "Adversarial Examples Improve Image Recognition", arXiv 1911.09665.
     """
     if (route is None) == (split is None):
-        raise ValueError(f"give exactly one of route ('clean' or 'adv') and split=(n_clean, n_aux); "
-                         f"got route={route!r}, split={split!r}")
+        raise ValueError(
+            f"give exactly one of route ('clean' or 'adv') and split=(n_clean, n_aux); "
+            f"got route={route!r}, split={split!r}"
+        )
     if route is not None:
         if route not in ("clean", "adv"):
             raise ValueError(f"route must be 'clean' or 'adv'; got {route!r}")
@@ -488,11 +494,17 @@ def _normalize(bn: _BatchNorm, forward: Callable[[Tensor], Tensor], x: Tensor, g
 
 def _ghost_batch_norm(bn: _BatchNorm, x: Tensor, groups: int) -> Tensor:
     bn._check_input_dim(x)
-    if isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available() \
-            and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size(bn.process_group or torch.distributed.group.WORLD) > 1:
-        raise ValueError("ghost_bn groups > 1 would replace SyncBatchNorm's cross-process statistics with "
-                         "per-group ones; use shuffle_across_ranks for shuffle-BN across processes")
+    if (
+        isinstance(bn, nn.SyncBatchNorm)
+        and bn.training
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size(bn.process_group or torch.distributed.group.WORLD) > 1
+    ):
+        raise ValueError(
+            "ghost_bn groups > 1 would replace SyncBatchNorm's cross-process statistics with "
+            "per-group ones; use shuffle_across_ranks for shuffle-BN across processes"
+        )
     b, c = x.shape[0], x.shape[1]
     if b % groups:
         raise ValueError(f"ghost_bn: {b} rows (input shape {tuple(x.shape)}) do not divide into {groups} groups")

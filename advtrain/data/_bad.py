@@ -60,7 +60,9 @@ class BadSampleBudget:
         if not 0 <= max_fraction <= 1:
             raise ValueError(f"max_fraction must be in [0, 1]; got {max_fraction}")
         if min_samples < 0 or log_first < 0 or worst < 1:
-            raise ValueError(f"min_samples and log_first must be >= 0, worst >= 1; got {min_samples}, {log_first}, {worst}")
+            raise ValueError(
+                f"min_samples and log_first must be >= 0, worst >= 1; got {min_samples}, {log_first}, {worst}"
+            )
         self.max_fraction, self.min_samples, self.log_first, self.worst = max_fraction, min_samples, log_first, worst
         self.good, self.records = 0, 0
         self.by_kind: Counter[str] = Counter()
@@ -104,8 +106,9 @@ class BadSampleBudget:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 states: list = [None] * dist.get_world_size()
                 dist.all_gather_object(states, self.state_dict())
-                view = BadSampleBudget(max_fraction=self.max_fraction, min_samples=self.min_samples,
-                                       log_first=0, worst=self.worst)
+                view = BadSampleBudget(
+                    max_fraction=self.max_fraction, min_samples=self.min_samples, log_first=0, worst=self.worst
+                )
                 for st in states:
                     view.good += st["good"]
                     view.records += st["records"]

@@ -10,15 +10,7 @@ import torch
 
 from advtrain.data._bad import log
 from advtrain.data._decode import decode_image
-from advtrain.data._sources import (
-    ImageFolderSource,
-    ShardSource,
-    TensorSource,
-    _caption,
-    _label,
-    _MapSource,
-    _Skip,
-)
+from advtrain.data._sources import ImageFolderSource, ShardSource, TensorSource, _caption, _label, _MapSource, _Skip
 from advtrain.data._webdataset import ShardReadError, iter_shard_samples, local_path
 
 
@@ -55,8 +47,14 @@ def check_sources(
     readers = world * max(num_workers, 1)
     train = set(train)
     for split, src in sources.items():
-        p, w = _check_one(split, src, readers=readers, world=world, num_workers=num_workers,
-                          batch=batch_size if split in train else None)
+        p, w = _check_one(
+            split,
+            src,
+            readers=readers,
+            world=world,
+            num_workers=num_workers,
+            batch=batch_size if split in train else None,
+        )
         problems += p
         warnings += w
     for msg in warnings:
@@ -106,8 +104,10 @@ def _check_shards(split, src: ShardSource, *, readers, world, num_workers) -> tu
     if any(u.startswith(("http://", "https://")) for u in src.urls) and shutil.which("curl") is None:
         problems.append(f"{split!r}: http(s) shards are read through curl, which is not installed")
     if not src.resampled and len(src.urls) < readers:
-        problems.append(f"{split!r}: {len(src.urls)} shards cannot feed {readers} readers ({world} ranks x "
-                        f"{max(num_workers, 1)} workers): use fewer workers, more shards, or resampled shards")
+        problems.append(
+            f"{split!r}: {len(src.urls)} shards cannot feed {readers} readers ({world} ranks x "
+            f"{max(num_workers, 1)} workers): use fewer workers, more shards, or resampled shards"
+        )
     if src.counts is not None:
         unlisted = [u for u in src.urls if u not in src.counts]
         if unlisted:
@@ -117,8 +117,9 @@ def _check_shards(split, src: ShardSource, *, readers, world, num_workers) -> tu
         if root is not None and root.is_dir() and src.split:
             extra = sorted(str(p) for p in root.glob(f"{src.split}-*.tar*") if str(p) not in src.counts)
             if extra:
-                warnings.append(f"{split!r}: {len(extra)} shard files in {root} are not in its manifest (not read): "
-                                f"{extra[:5]}")
+                warnings.append(
+                    f"{split!r}: {len(extra)} shard files in {root} are not in its manifest (not read): {extra[:5]}"
+                )
     first = next((u for u in src.urls if u not in missing and u not in empty), None)
     if first is not None:
         problems += _check_first_sample(split, src, first)
@@ -140,8 +141,7 @@ def _check_first_sample(split, src: ShardSource, url: str) -> list[str]:
     problems = []
     ext = next((k for k in src.image_keys if k in raw), None)
     if ext is None:
-        problems.append(f"{split!r}: sample {key!r} of {url} has no image among {list(src.image_keys)} "
-                        f"(has {members})")
+        problems.append(f"{split!r}: sample {key!r} of {url} has no image among {list(src.image_keys)} (has {members})")
     else:
         try:
             decode_image(raw[ext], decoder="pillow")

@@ -55,9 +55,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def decode_image(
-    data: bytes, *, min_size: tuple[int, int] | None = None, decoder: Decoder = "auto"
-) -> Image.Image:
+def decode_image(data: bytes, *, min_size: tuple[int, int] | None = None, decoder: Decoder = "auto") -> Image.Image:
     """Decodes an encoded image to RGB, downscaling a JPEG in the DCT domain as far as ``min_size`` allows.
 
     For a JPEG of size ``(W, H)`` and ``min_size = (w, h)``, the decoder produces the image at the smallest scale
@@ -177,7 +175,9 @@ def to_pil(image: Tensor | np.ndarray | Image.Image) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"expected a uint8 (C, H, W) tensor with C in (1, 3); got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"expected a uint8 (C, H, W) tensor with C in (1, 3); got {image.dtype} {tuple(image.shape)}"
+            )
         image = image.permute(1, 2, 0).numpy()
     arr = np.asarray(image)
     if arr.dtype != np.uint8:

@@ -36,8 +36,9 @@ class Batch(NamedTuple):
 
     def pin_memory(self) -> Batch:
         """Pinned host tensors (the DataLoader calls this with ``pin_memory=True``)."""
-        return self._replace(images=self.images.pin_memory(),
-                             labels=None if self.labels is None else self.labels.pin_memory())
+        return self._replace(
+            images=self.images.pin_memory(), labels=None if self.labels is None else self.labels.pin_memory()
+        )
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -79,25 +80,30 @@ class ShardedSampler(torch.utils.data.Sampler):
         drop_last: deal only complete global batches.
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int, world: int, batch: int, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(
+        self, n: int, *, seed: int, rank: int, world: int, batch: int, shuffle: bool = True, drop_last: bool = True
+    ):
         if n < 1 or batch < 1 or not 0 <= rank < world:
-            raise ValueError(f"need n >= 1, batch >= 1, 0 <= rank < world; got n={n}, batch={batch}, "
-                             f"rank={rank}, world={world}")
+            raise ValueError(
+                f"need n >= 1, batch >= 1, 0 <= rank < world; got n={n}, batch={batch}, rank={rank}, world={world}"
+            )
         self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.pos = 0, 0
 
     def indices(self, epoch: int) -> list[int]:
         """This rank's indices in ``epoch``."""
-        perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle
-                else torch.arange(self.n))
+        perm = (
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            if self.shuffle
+            else torch.arange(self.n)
+        )
         g = self.batch * self.world
         full = perm[: self.n // g * g].view(-1, self.world, self.batch)[:, self.rank].reshape(-1).tolist()
         if self.drop_last:
             return full
-        rest = perm[self.n // g * g:]
-        return full + rest[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+        rest = perm[self.n // g * g :]
+        return full + rest[self.rank * self.batch : (self.rank + 1) * self.batch].tolist()
 
     def __len__(self) -> int:
         return len(self.indices(self.epoch)) if not self.drop_last else self.n // (self.batch * self.world) * self.batch
@@ -161,37 +167,66 @@ def make_loader(
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
     if not isinstance(source, (_MapSource, ShardSource)):
-        raise TypeError(f"make_loader takes a TensorSource, ImageFolderSource or ShardSource; got {type(source).__name__}")
+        raise TypeError(
+            f"make_loader takes a TensorSource, ImageFolderSource or ShardSource; got {type(source).__name__}"
+        )
     bound = source.bind(seed=seed, rank=rank, world=world)
     extra = {}
     if num_workers:
-        extra = {"prefetch_factor": prefetch_factor or 2, "persistent_workers": False,
-                 "multiprocessing_context": multiprocessing_context}
+        extra = {
+            "prefetch_factor": prefetch_factor or 2,
+            "persistent_workers": False,
+            "multiprocessing_context": multiprocessing_context,
+        }
     from advtrain.training import (
         quiet_set_vital,  # torchdata's deprecation warning on every construction
     )
 
     with quiet_set_vital():
-        loader = _build(bound, batch_size=batch_size, seed=seed, rank=rank, world=world, num_workers=num_workers,
-                        train=train, pin_memory=pin_memory, extra=extra)
+        loader = _build(
+            bound,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world=world,
+            num_workers=num_workers,
+            train=train,
+            pin_memory=pin_memory,
+            extra=extra,
+        )
     loader.rank, loader.world = rank, world
     return loader
 
 
 def _build(bound, *, batch_size, seed, rank, world, num_workers, train, pin_memory, extra) -> Loader:
     if isinstance(bound, ShardSource):
-        return Loader(bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, **extra)
-    sampler = ShardedSampler(len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train,
-                             drop_last=train)
-    return Loader(bound, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                  pin_memory=pin_memory, drop_last=train, **extra)
+        return Loader(
+            bound, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, **extra
+        )
+    sampler = ShardedSampler(
+        len(bound), seed=seed, rank=rank, world=world, batch=batch_size, shuffle=train, drop_last=train
+    )
+    return Loader(
+        bound,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=train,
+        **extra,
+    )
 
 
 def loader_state(loader: Loader) -> dict:
     """This rank's loader state with its layout: ``{"rank", "world", "num_workers", "batch_size", "loader"}``."""
-    return {"rank": loader.rank, "world": loader.world, "num_workers": loader.num_workers,
-            "batch_size": loader.batch_size, "loader": loader.state_dict()}
+    return {
+        "rank": loader.rank,
+        "world": loader.world,
+        "num_workers": loader.num_workers,
+        "batch_size": loader.batch_size,
+        "loader": loader.state_dict(),
+    }
 
 
 def gather_loader_states(loader: Loader) -> list[dict]:
@@ -205,8 +240,10 @@ def gather_loader_states(loader: Loader) -> list[dict]:
     mine = loader_state(loader)
     if loader.world == 1 or not (dist.is_available() and dist.is_initialized()):
         if loader.world != 1:
-            raise RuntimeError(f"the loader is rank {loader.rank} of {loader.world} but no process group is "
-                               f"initialized: cannot gather the other ranks' states")
+            raise RuntimeError(
+                f"the loader is rank {loader.rank} of {loader.world} but no process group is "
+                f"initialized: cannot gather the other ranks' states"
+            )
         return [mine]
     out: list = [None] * loader.world
     dist.all_gather_object(out, mine)
@@ -225,11 +262,13 @@ def load_loader_state(loader: Loader, states: list[dict] | dict) -> None:
     if not isinstance(states, list) or not states:
         raise ValueError("expected the list gather_loader_states returned (or one loader_state dict)")
     if len(states) != loader.world:
-        raise ValueError(f"{len(states)} saved loader states for a world of {loader.world}: resume with the same "
-                         f"number of processes")
+        raise ValueError(
+            f"{len(states)} saved loader states for a world of {loader.world}: resume with the same number of processes"
+        )
     st = states[loader.rank]
     for k, have in (("rank", loader.rank), ("num_workers", loader.num_workers), ("batch_size", loader.batch_size)):
         if st[k] != have:
-            raise ValueError(f"the saved loader state has {k}={st[k]}, this loader {k}={have}: resume with the same "
-                             f"layout")
+            raise ValueError(
+                f"the saved loader state has {k}={st[k]}, this loader {k}={have}: resume with the same layout"
+            )
     loader.load_state_dict(st["loader"])

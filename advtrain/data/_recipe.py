@@ -14,12 +14,7 @@ import torch
 from torch import Tensor
 
 from advtrain.data._shards import load_image_set
-from advtrain.data._sources import (
-    ImageFolderSource,
-    ShardSource,
-    TensorSource,
-    Transform,
-)
+from advtrain.data._sources import ImageFolderSource, ShardSource, TensorSource, Transform
 
 KINDS = ("digits", "folder", "wds")
 
@@ -44,8 +39,10 @@ class DataConfig:
 
     def __post_init__(self):
         if not 0 < self.crop_pct <= 1 or not 0 <= self.bad_sample_budget <= 1:
-            raise ValueError(f"need 0 < data.crop_pct <= 1 and 0 <= data.bad_sample_budget <= 1; got "
-                             f"{self.crop_pct}, {self.bad_sample_budget}")
+            raise ValueError(
+                f"need 0 < data.crop_pct <= 1 and 0 <= data.bad_sample_budget <= 1; got "
+                f"{self.crop_pct}, {self.bad_sample_budget}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,8 +75,13 @@ def digits_arrays(seed: int = 0, *, size: int = 32) -> tuple[Tensor, Tensor, Ten
 
 
 def _is_folder(path: str | None) -> bool:
-    return path is not None and "://" not in path and not path.startswith("pipe:") and "{" not in path \
+    return (
+        path is not None
+        and "://" not in path
+        and not path.startswith("pipe:")
+        and "{" not in path
         and Path(path).is_dir()
+    )
 
 
 def split_sources(
@@ -130,8 +132,10 @@ def split_sources(
     if kind == "digits":
         xt, yt, xv, yv = digits_arrays(seed)
         caps = [f"a photo of the digit {int(c)}." for c in yt] if captions else None
-        return (TensorSource(xt, yt, caps, transform=train_transform, name="digits-train"),
-                TensorSource(xv, yv, transform=val_transform, name="digits-val"))
+        return (
+            TensorSource(xt, yt, caps, transform=train_transform, name="digits-train"),
+            TensorSource(xv, yv, transform=val_transform, name="digits-val"),
+        )
     if kind not in KINDS:
         raise ValueError(f"data.kind must be one of {KINDS}; got {kind!r}")
     if not path:
@@ -140,27 +144,41 @@ def split_sources(
     if local and not Path(path).exists():
         raise FileNotFoundError(f"data.path {path!r} does not exist (data.kind={kind!r})")
     if kind == "folder":
-        return (ImageFolderSource(Path(path) / train_split, transform=train_transform),
-                ImageFolderSource(Path(path) / val_split, transform=val_transform))
+        return (
+            ImageFolderSource(Path(path) / train_split, transform=train_transform),
+            ImageFolderSource(Path(path) / val_split, transform=val_transform),
+        )
     folder = _is_folder(path)
     if in_memory:
         if not folder:
             raise ValueError(f"data.in_memory needs data.path to be a shard folder; got {path!r}")
         tr, va = load_image_set(path, train_split), load_image_set(path, val_split)
-        return (TensorSource(tr.images, tr.labels, transform=train_transform, name=train_split),
-                TensorSource(va.images, va.labels, transform=val_transform, name=val_split))
+        return (
+            TensorSource(tr.images, tr.labels, transform=train_transform, name=train_split),
+            TensorSource(va.images, va.labels, transform=val_transform, name=val_split),
+        )
     if not folder and not val_path:
-        raise ValueError(f"data.path {path!r} is a shard pattern or URL list: name the validation shards in "
-                         f"data.val_path")
+        raise ValueError(
+            f"data.path {path!r} is a shard pattern or URL list: name the validation shards in data.val_path"
+        )
     tr_spec, va_spec = (path, path) if folder else (path, val_path)
     tr_split, va_split = (train_split, val_split) if folder else (None, None)
     if va_spec != path:
         va_split = val_split if _is_folder(va_spec) else None
     common = {"num_classes": num_classes}
-    train = ShardSource(tr_spec, split=tr_split, transform=train_transform, labels=labels, captions=captions,
-                        resampled=resampled, shuffle_buffer=shuffle_buffer, **common)
-    val = ShardSource(va_spec, split=va_split, transform=val_transform, epochs=1, shuffle_shards=False,
-                      shuffle_buffer=0, **common)
+    train = ShardSource(
+        tr_spec,
+        split=tr_split,
+        transform=train_transform,
+        labels=labels,
+        captions=captions,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        **common,
+    )
+    val = ShardSource(
+        va_spec, split=va_split, transform=val_transform, epochs=1, shuffle_shards=False, shuffle_buffer=0, **common
+    )
     return train, val
 
 
@@ -173,8 +191,17 @@ def epoch_size(source, override: int | None = None) -> int | None:
     return len(source)
 
 
-def sources_from_config(data, augment, *, size: int, seed: int, randaugment: str | None = None,
-                        labels: bool = True, captions: bool = False, num_classes: int | None = None) -> tuple:
+def sources_from_config(
+    data,
+    augment,
+    *,
+    size: int,
+    seed: int,
+    randaugment: str | None = None,
+    labels: bool = True,
+    captions: bool = False,
+    num_classes: int | None = None,
+) -> tuple:
     """:func:`split_sources` with the standard transforms, from a recipe's ``data`` and ``augment`` sections.
 
     Reads ``data.kind, path, val_path, train_split, val_split, in_memory, resampled, crop_pct`` and
@@ -184,19 +211,44 @@ def sources_from_config(data, augment, *, size: int, seed: int, randaugment: str
     """
     from advtrain.data._transforms import train_transform, val_transform
 
-    tt = train_transform(size=size, scale=tuple(augment.crop_scale), ratio=tuple(augment.crop_ratio),
-                         hflip=0.5 if augment.hflip else 0.0, randaugment=randaugment,
-                         interpolation=augment.interpolation)
+    tt = train_transform(
+        size=size,
+        scale=tuple(augment.crop_scale),
+        ratio=tuple(augment.crop_ratio),
+        hflip=0.5 if augment.hflip else 0.0,
+        randaugment=randaugment,
+        interpolation=augment.interpolation,
+    )
     vt = val_transform(size=size, crop_pct=data.crop_pct, interpolation=augment.interpolation)
-    return split_sources(data.kind, path=data.path, train_split=data.train_split, val_split=data.val_split,
-                         val_path=data.val_path, train_transform=tt, val_transform=vt, seed=seed,
-                         in_memory=data.in_memory, resampled=data.resampled, labels=labels, captions=captions,
-                         num_classes=num_classes)
+    return split_sources(
+        data.kind,
+        path=data.path,
+        train_split=data.train_split,
+        val_split=data.val_split,
+        val_path=data.val_path,
+        train_transform=tt,
+        val_transform=vt,
+        seed=seed,
+        in_memory=data.in_memory,
+        resampled=data.resampled,
+        labels=labels,
+        captions=captions,
+        num_classes=num_classes,
+    )
 
 
-def check_run_sources(train, val, *, world: int, num_workers: int, batch_size: int,
-                      epoch: int | None = None, val_samples: int | None = None, need_epoch: bool = False,
-                      need_val_samples: bool = False) -> None:
+def check_run_sources(
+    train,
+    val,
+    *,
+    world: int,
+    num_workers: int,
+    batch_size: int,
+    epoch: int | None = None,
+    val_samples: int | None = None,
+    need_epoch: bool = False,
+    need_val_samples: bool = False,
+) -> None:
     """:func:`advtrain.data.check_sources` on a run's two splits, plus what a recipe's schedule needs of them.
 
     Args:
@@ -213,8 +265,9 @@ def check_run_sources(train, val, *, world: int, num_workers: int, batch_size: i
     """
     from advtrain.data._checks import check_sources
 
-    check_sources({"train": train, "val": val}, world=world, num_workers=num_workers,
-                  batch_size=max(1, batch_size // world))
+    check_sources(
+        {"train": train, "val": val}, world=world, num_workers=num_workers, batch_size=max(1, batch_size // world)
+    )
     if need_epoch and epoch_size(train, epoch) is None:
         raise ValueError("streamed shards without a manifest count: set data.train_size (images per epoch)")
     if need_val_samples and isinstance(val, ShardSource) and val_samples is None:
@@ -252,7 +305,10 @@ def eval_subset(source, k: int | None, *, seed: int) -> tuple[list[Tensor], list
                 break
     else:
         n = len(source)
-        idx = range(n) if k is None or k >= n else sorted(
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+        idx = (
+            range(n)
+            if k is None or k >= n
+            else sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+        )
         items = [source[i] for i in idx]
     return [s.image for s in items], [int(s.label) for s in items]

@@ -56,9 +56,7 @@ def shard_paths(root: str | Path, split: str, *, verify: bool = False) -> list[P
     return paths
 
 
-def load_image_set(
-    root: str | Path, split: str, *, limit: int | None = None, verify: bool = False
-) -> ImageSet:
+def load_image_set(root: str | Path, split: str, *, limit: int | None = None, verify: bool = False) -> ImageSet:
     """Decodes a split of a WebDataset folder (``<key>.jpg|png``, ``<key>.cls``, ``<key>.txt``) into memory.
 
     Meant for small sets (MNIST, CIFAR-10, Imagenette): 10k MNIST digits decode in about 3 s on one core.
@@ -107,5 +105,7 @@ def load_image_set(
 def _manifest(root: Path) -> dict:
     path = root / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"no manifest.json in {root}: expected a WebDataset folder like ../shared/datasets/mnist")
+        raise FileNotFoundError(
+            f"no manifest.json in {root}: expected a WebDataset folder like ../shared/datasets/mnist"
+        )
     return json.loads(path.read_text())

@@ -31,12 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from advtrain.data._bad import BadSample, log
-from advtrain.data._webdataset import (
-    ShardReadError,
-    expand_urls,
-    iter_shard_samples,
-    manifest_counts,
-)
+from advtrain.data._webdataset import ShardReadError, expand_urls, iter_shard_samples, manifest_counts
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -167,10 +162,19 @@ class TensorSource(_MapSource):
         name: names the source in keys and bad-sample records.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor | None = None, captions: Sequence[str] | None = None, *,
-                 transform: Transform | None = None, name: str = "tensors"):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        *,
+        transform: Transform | None = None,
+        name: str = "tensors",
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be uint8 (N, C, H, W) with C in (1, 3); got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W) with C in (1, 3); got {images.dtype} {tuple(images.shape)}"
+            )
         n = images.shape[0]
         if labels is not None and tuple(labels.shape) != (n,):
             raise ValueError(f"labels must have shape ({n},); got {tuple(labels.shape)}")
@@ -203,8 +207,13 @@ class ImageFolderSource(_MapSource):
         extensions: image file extensions to list (lower case, with the dot).
     """
 
-    def __init__(self, root: str | Path, *, transform: Transform | None = None,
-                 extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        transform: Transform | None = None,
+        extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff"),
+    ):
         from torchvision.datasets.folder import find_classes, make_dataset
 
         self.root = Path(root)
@@ -270,11 +279,25 @@ class ShardSource(IterableDataset):
         label_key, caption_key, image_keys: the members holding label, caption and image.
     """
 
-    def __init__(self, urls, *, split: str | None = None, transform: Transform | None = None, labels: bool = True,
-                 captions: bool = False, num_classes: int | None = None, resampled: bool = False,
-                 shards_per_epoch: int | None = None, shuffle_shards: bool = True, shuffle_buffer: int | None = 1000,
-                 epochs: int | None = None, counts: dict[str, int] | None = None, label_key: str = "cls",
-                 caption_key: str = "txt", image_keys: tuple[str, ...] = IMAGE_KEYS):
+    def __init__(
+        self,
+        urls,
+        *,
+        split: str | None = None,
+        transform: Transform | None = None,
+        labels: bool = True,
+        captions: bool = False,
+        num_classes: int | None = None,
+        resampled: bool = False,
+        shards_per_epoch: int | None = None,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int | None = 1000,
+        epochs: int | None = None,
+        counts: dict[str, int] | None = None,
+        label_key: str = "cls",
+        caption_key: str = "txt",
+        image_keys: tuple[str, ...] = IMAGE_KEYS,
+    ):
         if not labels and not captions:
             raise ValueError("a ShardSource needs labels=True or captions=True (a sample with neither is unusable)")
         if shuffle_buffer is not None and shuffle_buffer < 0:
@@ -285,8 +308,11 @@ class ShardSource(IterableDataset):
             raise ValueError(f"shards_per_epoch (got {shards_per_epoch}) is >= 1 and only for resampled=True")
         self.spec, self.split = urls, split
         self.urls = expand_urls(urls, split=split)
-        self.counts = counts if counts is not None else (
-            manifest_counts(urls, split=split) if split is not None and isinstance(urls, (str, Path)) else None)
+        self.counts = (
+            counts
+            if counts is not None
+            else (manifest_counts(urls, split=split) if split is not None and isinstance(urls, (str, Path)) else None)
+        )
         self.transform, self.labels, self.captions, self.num_classes = transform, labels, captions, num_classes
         self.resampled, self.shards_per_epoch, self.shuffle_shards = resampled, shards_per_epoch, shuffle_shards
         self.shuffle_buffer, self.epochs = shuffle_buffer, epochs
@@ -323,8 +349,11 @@ class ShardSource(IterableDataset):
             k = self.shards_per_epoch or max(1, len(self.urls) // readers)
             g = sample_generator(self.seed, "resample", epoch, reader)
             return [self.urls[int(i)] for i in torch.randint(len(self.urls), (k,), generator=g)]
-        order = (torch.randperm(len(self.urls), generator=sample_generator(self.seed, "shards", epoch)).tolist()
-                 if self.shuffle_shards else range(len(self.urls)))
+        order = (
+            torch.randperm(len(self.urls), generator=sample_generator(self.seed, "shards", epoch)).tolist()
+            if self.shuffle_shards
+            else range(len(self.urls))
+        )
         return [self.urls[i] for i in order][reader::readers]
 
     def __iter__(self) -> Iterator[Sample]:
@@ -337,8 +366,10 @@ class ShardSource(IterableDataset):
             mine = self.shards_for(epoch, worker=wid, num_workers=nw)
             if not mine:
                 if self.epochs is None:
-                    raise ValueError(f"{len(self.urls)} shards cannot feed {self.readers(nw)} readers (ranks x "
-                                     f"workers): use fewer workers, more shards, or resampled=True")
+                    raise ValueError(
+                        f"{len(self.urls)} shards cannot feed {self.readers(nw)} readers (ranks x "
+                        f"workers): use fewer workers, more shards, or resampled=True"
+                    )
                 return  # a finite pass (evaluation): this reader has nothing to read
             good, whole = 0, self.state["shard"] == 0 and self.state["sample"] == 0  # not a resumed tail
             while self.state["shard"] < len(mine):
@@ -353,8 +384,10 @@ class ShardSource(IterableDataset):
                 for r in pending:  # the end of a finite pass: no later sample carries these to a batch
                     log.warning("skipped bad data (%s) in %s %r: %s", r.kind, r.url, r.key, r.message)
             if good == 0 and whole and self.epochs is None:
-                raise RuntimeError(f"reader {self.rank}/{wid} read no usable sample in a whole epoch of "
-                                   f"{len(mine)} shards ({mine[:3]} ...): {pending[:3]}")
+                raise RuntimeError(
+                    f"reader {self.rank}/{wid} read no usable sample in a whole epoch of "
+                    f"{len(mine)} shards ({mine[:3]} ...): {pending[:3]}"
+                )
 
     def _read(self, url: str, epoch: int, pos: int, pending: list[BadSample]) -> Iterator[Sample]:
         """One shard's usable samples from the state's sample position on; appends skip records to ``pending``."""
@@ -383,11 +416,25 @@ class ShardSource(IterableDataset):
             return
         expected = (self.counts or {}).get(url)
         if n == 0:
-            pending.append(BadSample("empty", url, "", "the shard holds no sample" + (
-                f" (the manifest says {expected})" if expected else ""), max(expected or 1, 1)))
+            pending.append(
+                BadSample(
+                    "empty",
+                    url,
+                    "",
+                    "the shard holds no sample" + (f" (the manifest says {expected})" if expected else ""),
+                    max(expected or 1, 1),
+                )
+            )
         elif expected is not None and n != expected:
-            pending.append(BadSample("manifest", url, "", f"the shard holds {n} samples, the manifest says {expected}",
-                                     max(expected - n, 0)))
+            pending.append(
+                BadSample(
+                    "manifest",
+                    url,
+                    "",
+                    f"the shard holds {n} samples, the manifest says {expected}",
+                    max(expected - n, 0),
+                )
+            )
 
     def _prepare(self, raw: dict, generator: torch.Generator) -> Sample:
         url, key = raw["__url__"], raw["__key__"]

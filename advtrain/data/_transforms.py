@@ -43,12 +43,7 @@ _IMAGENET_MEAN_255 = (124, 116, 104)
 
 
 def sample_crop_box(
-    width: int,
-    height: int,
-    *,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
+    width: int, height: int, *, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
 ) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box on a ``width x height`` image, drawn from ``generator``: ``(left, top, w, h)``.
 
@@ -69,7 +64,8 @@ def sample_crop_box(
         ``(left, top, box_width, box_height)`` in pixels, inside the image.
 
     Example:
-        >>> sample_crop_box(500, 375, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sample_crop_box(500, 375, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), generator=g)
         (0, 0, 500, 375)
     """
     area = width * height
@@ -105,8 +101,12 @@ def rand_augment(config: str, *, size: int, interpolation: Interpolation = "bicu
     """
     from timm.data import rand_augment_transform
 
-    hparams = {"translate_const": int(size * 0.45), "img_mean": _IMAGENET_MEAN_255, "magnitude_max": 9,
-               "interpolation": pil_resample(interpolation)}
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": _IMAGENET_MEAN_255,
+        "magnitude_max": 9,
+        "interpolation": pil_resample(interpolation),
+    }
     return rand_augment_transform(config, hparams)
 
 
@@ -185,8 +185,15 @@ def train_transform(
     if not 0 <= hflip <= 1:
         raise ValueError(f"hflip must be a probability in [0, 1]; got {hflip}")
     ra = rand_augment(randaugment, size=size, interpolation=interpolation) if randaugment else None
-    return TrainTransform(size=size, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
-                          resample=pil_resample(interpolation), rand_augment=ra, decoder=decoder)
+    return TrainTransform(
+        size=size,
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        hflip=hflip,
+        resample=pil_resample(interpolation),
+        rand_augment=ra,
+        decoder=decoder,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +209,9 @@ class TrainTransform:
     decoder: Decoder
 
     def __call__(self, image: ImageInput, generator: torch.Generator) -> Tensor:
-        img, box = crop_source(image, size=self.size, scale=self.scale, ratio=self.ratio, generator=generator,
-                               decoder=self.decoder)
+        img, box = crop_source(
+            image, size=self.size, scale=self.scale, ratio=self.ratio, generator=generator, decoder=self.decoder
+        )
         out = img.resize((self.size, self.size), self.resample, box=box)
         if bool(torch.rand(1, generator=generator) < self.hflip):
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -234,8 +242,11 @@ def crop_source(
         W, H = image_size(data)
         left, top, w, h = sample_crop_box(W, H, scale=scale, ratio=ratio, generator=generator)
         k = size / min(w, h)
-        img = decode_image(data, min_size=(ceil_int(W * k), ceil_int(H * k)), decoder=decoder) if k < 1 else (
-            decode_image(data, decoder=decoder))
+        img = (
+            decode_image(data, min_size=(ceil_int(W * k), ceil_int(H * k)), decoder=decoder)
+            if k < 1
+            else (decode_image(data, decoder=decoder))
+        )
     else:
         img = to_pil(image)
         W, H = img.size
@@ -257,11 +268,7 @@ def resize_dims(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 
 def val_transform(
-    *,
-    size: int,
-    crop_pct: float = 0.875,
-    interpolation: Interpolation = "bicubic",
-    decoder: Decoder = "auto",
+    *, size: int, crop_pct: float = 0.875, interpolation: Interpolation = "bicubic", decoder: Decoder = "auto"
 ) -> ValTransform:
     """The ImageNet evaluation transform: shorter side to ``floor(size / crop_pct)``, center ``size`` crop; uint8.
 
@@ -290,8 +297,9 @@ def val_transform(
     _check_size(size)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1]; got {crop_pct}")
-    return ValTransform(size=size, shorter=math.floor(size / crop_pct + 1e-9), resample=pil_resample(interpolation),
-                        decoder=decoder)
+    return ValTransform(
+        size=size, shorter=math.floor(size / crop_pct + 1e-9), resample=pil_resample(interpolation), decoder=decoder
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,4 +329,3 @@ class ValTransform:
 def _check_size(size: int) -> None:
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int; got {size!r}")
-

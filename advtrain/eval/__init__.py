@@ -41,7 +41,26 @@ from advtrain.eval._subset import (
     subset_digest,
 )
 
-__all__ += ["AttackSpec", "EvalProtocol", "RobustReport", "SampleLog", "eps_label", "max_sensible_eps",
-            "read_sample_log", "recipe_eval", "report_from_records", "robust_eval", "strict_float32", "wilson_interval"]
-__all__ += ["ROBUSTBENCH_IMAGENET_SHA256", "imagenet_val_id", "robustbench_imagenet_ids", "robustbench_subset",
-            "split_for_rank", "stratified_subset", "subset_digest"]
+__all__ += [
+    "AttackSpec",
+    "EvalProtocol",
+    "RobustReport",
+    "SampleLog",
+    "eps_label",
+    "max_sensible_eps",
+    "read_sample_log",
+    "recipe_eval",
+    "report_from_records",
+    "robust_eval",
+    "strict_float32",
+    "wilson_interval",
+]
+__all__ += [
+    "ROBUSTBENCH_IMAGENET_SHA256",
+    "imagenet_val_id",
+    "robustbench_imagenet_ids",
+    "robustbench_subset",
+    "split_for_rank",
+    "stratified_subset",
+    "subset_digest",
+]

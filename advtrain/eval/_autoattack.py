@@ -34,7 +34,8 @@ def autoattack(
 
     ``version="standard"`` runs APGD-CE, APGD-T, FAB-T and Square, as RobustBench does; ``"custom"`` runs the
     named ``attacks`` only. Targeted attacks use ``min(9, K - 1)`` target classes, so models with fewer than 10
-    classes work; below 4 classes APGD-T (whose targeted DLR loss needs 4 logits) is skipped. Use it as an attack in :func:`advtrain.eval.evaluate` on a fixed subset (``max_samples``), e.g.
+    classes work; below 4 classes APGD-T (whose targeted DLR loss needs 4 logits) is skipped. Use it as an
+    attack in :func:`advtrain.eval.evaluate` on a fixed subset (``max_samples``), e.g.
     ``functools.partial(autoattack, norm="linf", eps=IMAGENET_EPS["linf"])``.
 
     Args:
@@ -86,8 +87,15 @@ def autoattack(
     with _checks.preserve_model_state(model), _frozen_parameters(model), torch.enable_grad():
         with torch.no_grad():
             classes = int(model(x[:1]).shape[1])
-        aa = AutoAttack(model, norm=_AA_NORM[norm], eps=float(eps), version=version, seed=seed, device=x.device,
-                        attacks=list(attacks) if version == "custom" else None)
+        aa = AutoAttack(
+            model,
+            norm=_AA_NORM[norm],
+            eps=float(eps),
+            version=version,
+            seed=seed,
+            device=x.device,
+            attacks=list(attacks) if version == "custom" else None,
+        )
         aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, classes - 1)
         aa.fab.n_target_classes = min(aa.fab.n_target_classes, classes - 1)
         if classes < 4:  # APGD-T's targeted DLR loss needs the 4 largest logits

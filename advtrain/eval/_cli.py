@@ -25,14 +25,7 @@ from typing import Any
 import torch
 
 from advtrain.eval._autoattack import _AA_ATTACKS, IMAGENET_EPS
-from advtrain.eval._protocol import (
-    NORMS,
-    EvalProtocol,
-    RobustReport,
-    eps_label,
-    read_sample_log,
-    robust_eval,
-)
+from advtrain.eval._protocol import NORMS, EvalProtocol, RobustReport, eps_label, read_sample_log, robust_eval
 
 DESCRIPTION = """Robustness of a timm, open_clip or Python model to the RobustBench standard.
 
@@ -92,30 +85,62 @@ def parse_eps(items: list[str] | None, norms: list[str] | None) -> dict[str, tup
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m advtrain.eval", description=DESCRIPTION,
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m advtrain.eval",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="a timm name (resnet50.a1_in1k), open_clip:NAME (or open_clip:"
-                   "config.json), or a Python factory package.module:function")
-    m.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
-                   help="timm: the name's pretrained weights; open_clip: a pretrained tag or file")
-    m.add_argument("--checkpoint", metavar="PATH", help="a state dict, a recipe checkpoint {'model': ...}, or a dict "
-                   "under 'state_dict'; wrapper prefixes stripped; loaded weights_only, strict")
+    m.add_argument(
+        "--model",
+        required=True,
+        help="a timm name (resnet50.a1_in1k), open_clip:NAME (or open_clip:"
+        "config.json), or a Python factory package.module:function",
+    )
+    m.add_argument(
+        "--pretrained",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="TAG",
+        help="timm: the name's pretrained weights; open_clip: a pretrained tag or file",
+    )
+    m.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a state dict, a recipe checkpoint {'model': ...}, or a dict "
+        "under 'state_dict'; wrapper prefixes stripped; loaded weights_only, strict",
+    )
     m.add_argument("--checkpoint-key", metavar="KEY", help="the checkpoint entry holding the weights, e.g. ema")
     m.add_argument("--random-init", action="store_true", help="no weights (for tests)")
-    m.add_argument("--num-classes", type=int, help="timm head size (default: the data's class count with "
-                   "--checkpoint / --random-init, the pretrained head with --pretrained)")
+    m.add_argument(
+        "--num-classes",
+        type=int,
+        help="timm head size (default: the data's class count with "
+        "--checkpoint / --random-init, the pretrained head with --pretrained)",
+    )
     m.add_argument("--model-kwargs", default="{}", metavar="JSON", help="extra create_model / factory arguments")
     m.add_argument("--class-names", metavar="FILE", help="open_clip: one class name per line, in label order")
-    m.add_argument("--templates", choices=["openai", "simple", "caption"], default="openai",
-                   help="open_clip prompts: OpenAI's 80, the 7-prompt ensemble, or 'a photo of a {}.'")
+    m.add_argument(
+        "--templates",
+        choices=["openai", "simple", "caption"],
+        default="openai",
+        help="open_clip prompts: OpenAI's 80, the 7-prompt ensemble, or 'a photo of a {}.'",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="a class folder (root/<class>/<img>; root/<split> when present) or "
-                   "WebDataset shards (a folder with manifest.json or *.tar, a pattern, a URL)")
+    d.add_argument(
+        "--data",
+        required=True,
+        help="a class folder (root/<class>/<img>; root/<split> when present) or "
+        "WebDataset shards (a folder with manifest.json or *.tar, a pattern, a URL)",
+    )
     d.add_argument("--data-kind", choices=["auto", "folder", "shards"], default="auto")
     d.add_argument("--split", default="val", help="the manifest's / folder's split")
-    d.add_argument("--imagenet-labels", action="store_true",
-                   help="map wnid class ids (n01440764...) to ImageNet-1k indices: a 1000-way model on a subset")
+    d.add_argument(
+        "--imagenet-labels",
+        action="store_true",
+        help="map wnid class ids (n01440764...) to ImageNet-1k indices: a 1000-way model on a subset",
+    )
     d.add_argument("--img-size", type=int, help="override the model's input size")
     d.add_argument("--crop-pct", type=float, help="override crop_pct (resize to size / crop_pct, center crop)")
     d.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"])
@@ -123,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--std", help="override the normalization std")
     d.add_argument("--train-size", action="store_true", help="use timm's train input size, not its test size")
     s = p.add_argument_group("subset")
-    s.add_argument("--subset", default="auto", metavar="KIND", help="robustbench (RobustBench's 5,000 ImageNet "
-                   "images), stratified (seeded, over classes), all, a FILE of keys, or auto (robustbench on "
-                   "ImageNet-1k validation data, stratified elsewhere)")
+    s.add_argument(
+        "--subset",
+        default="auto",
+        metavar="KIND",
+        help="robustbench (RobustBench's 5,000 ImageNet "
+        "images), stratified (seeded, over classes), all, a FILE of keys, or auto (robustbench on "
+        "ImageNet-1k validation data, stratified elsewhere)",
+    )
     s.add_argument("--n", type=int, help="subset size (default 5000; robustbench: its first N)")
     s.add_argument("--subset-seed", type=int, default=0)
     a = p.add_argument_group("protocol")
@@ -133,14 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eps", nargs="+", metavar="NORM=R[,R...]", help="radii per norm, e.g. linf=2/255,4/255 l2=2")
     a.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (0: no PGD)")
     a.add_argument("--pgd-rel-step", type=float, default=0.25, help="PGD step as a fraction of eps (AdvXL: 1/4)")
-    a.add_argument("--autoattack", default="standard", help="standard, plus, rand, none, or a comma-separated "
-                   f"custom list from {','.join(_AA_ATTACKS)}")
+    a.add_argument(
+        "--autoattack",
+        default="standard",
+        help=f"standard, plus, rand, none, or a comma-separated custom list from {','.join(_AA_ATTACKS)}",
+    )
     a.add_argument("--seed", type=int, default=0, help="PGD random starts and AutoAttack's seed")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="output folder (default eval-<model>)")
     r.add_argument("--resume", action="store_true", help="continue in --out, skipping the samples already done")
-    r.add_argument("--batch-size", type=int, default=128, help="images per batch (AutoAttack's results depend on it; "
-                   "it is part of the record)")
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="images per batch (AutoAttack's results depend on it; it is part of the record)",
+    )
     r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     r.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     r.add_argument("--plot", metavar="NORM", help="draw robust accuracy against eps for this norm (a PNG)")
@@ -169,8 +206,13 @@ def _protocol(args) -> EvalProtocol:
         aa = None
     elif aa not in ("standard", "plus", "rand"):
         aa = tuple(a.strip() for a in aa.split(","))
-    return EvalProtocol(eps=eps, pgd_steps=args.pgd_steps, pgd_rel_step=args.pgd_rel_step if args.pgd_steps else None,
-                        autoattack=aa, seed=args.seed)
+    return EvalProtocol(
+        eps=eps,
+        pgd_steps=args.pgd_steps,
+        pgd_rel_step=args.pgd_rel_step if args.pgd_steps else None,
+        autoattack=aa,
+        seed=args.seed,
+    )
 
 
 def _dist() -> tuple[int, int, int]:
@@ -191,8 +233,17 @@ def _barrier(world: int) -> None:
 
 def _versions() -> dict:
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("torch", "torchvision", "timm", "open_clip_torch", "pyautoattack", "numpy", "pillow", "webdataset",
-                "advtrain"):
+    for pkg in (
+        "torch",
+        "torchvision",
+        "timm",
+        "open_clip_torch",
+        "pyautoattack",
+        "numpy",
+        "pillow",
+        "webdataset",
+        "advtrain",
+    ):
         try:
             out[pkg] = _md.version(pkg)
         except _md.PackageNotFoundError:
@@ -200,8 +251,12 @@ def _versions() -> dict:
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if rev.returncode == 0:
             out["advtrain_git"] = rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -237,8 +292,11 @@ def _templates(choice: str):
 
     from advtrain.losses import CAPTION_TEMPLATES, IMAGENET_TEMPLATES
 
-    return {"openai": list(open_clip.OPENAI_IMAGENET_TEMPLATES), "simple": list(IMAGENET_TEMPLATES),
-            "caption": list(CAPTION_TEMPLATES)}[choice]
+    return {
+        "openai": list(open_clip.OPENAI_IMAGENET_TEMPLATES),
+        "simple": list(IMAGENET_TEMPLATES),
+        "caption": list(CAPTION_TEMPLATES),
+    }[choice]
 
 
 def _choose(args, index, labels: list[int]) -> tuple[list[int], dict]:
@@ -255,16 +313,22 @@ def _choose(args, index, labels: list[int]) -> tuple[list[int], dict]:
     keys = [s.key for s in index.samples]
     kind = args.subset
     if kind == "auto":
-        imagenet = (index.classes == list(ImageNetInfo().label_names())
-                    and sum(imagenet_val_id(k) is not None for k in keys) >= 5000)
+        imagenet = (
+            index.classes == list(ImageNetInfo().label_names())
+            and sum(imagenet_val_id(k) is not None for k in keys) >= 5000
+        )
         kind = "robustbench" if imagenet else "stratified"
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1; got {args.n}")
     match kind:
         case "robustbench":
             idx = robustbench_subset(keys, labels, n=args.n)
-            meta = {"kind": "robustbench", "list": "RobustBench 1.1.1 helper_files/imagenet_test_image_ids.txt",
-                    "list_file": str(ROBUSTBENCH_IMAGENET_FILE.name), "list_sha256": ROBUSTBENCH_IMAGENET_SHA256}
+            meta = {
+                "kind": "robustbench",
+                "list": "RobustBench 1.1.1 helper_files/imagenet_test_image_ids.txt",
+                "list_file": str(ROBUSTBENCH_IMAGENET_FILE.name),
+                "list_sha256": ROBUSTBENCH_IMAGENET_SHA256,
+            }
         case "stratified":
             idx = stratified_subset(keys, labels, n=args.n or 5000, seed=args.subset_seed)
             meta = {"kind": "stratified", "seed": args.subset_seed, "requested": args.n or 5000}
@@ -274,14 +338,16 @@ def _choose(args, index, labels: list[int]) -> tuple[list[int], dict]:
         case _:
             path = Path(kind)
             if not path.is_file():
-                raise FileNotFoundError(f"--subset {kind!r}: no such subset list (robustbench, stratified, all, auto, "
-                                        "or a file of keys)")
+                raise FileNotFoundError(
+                    f"--subset {kind!r}: no such subset list (robustbench, stratified, all, auto, or a file of keys)"
+                )
             wanted = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
             where = {k: i for i, k in enumerate(keys)}
             missing = [k for k in wanted if k not in where]
             if missing:
-                raise ValueError(f"{len(missing)} of the {len(wanted)} keys in {kind} are not in the data, e.g. "
-                                 f"{missing[:3]}")
+                raise ValueError(
+                    f"{len(missing)} of the {len(wanted)} keys in {kind} are not in the data, e.g. {missing[:3]}"
+                )
             idx = [where[k] for k in wanted][: args.n or len(wanted)]
             from advtrain.models import file_sha256
 
@@ -321,18 +387,8 @@ def _plot(report: RobustReport, norm: str, path: Path) -> None:
 
 def run(args) -> dict:
     """The command without the exit-code handling; returns the report JSON (on every rank)."""
-    from advtrain.eval._evaldata import (
-        eval_transform,
-        imagenet_label_map,
-        index_data,
-        iter_image_batches,
-    )
-    from advtrain.eval._evalmodel import (
-        Preprocess,
-        _parse_spec,
-        build_model,
-        with_normalization,
-    )
+    from advtrain.eval._evaldata import eval_transform, imagenet_label_map, index_data, iter_image_batches
+    from advtrain.eval._evalmodel import Preprocess, _parse_spec, build_model, with_normalization
     from advtrain.eval._subset import split_for_rank, subset_digest
 
     started = time.time()
@@ -374,26 +430,53 @@ def run(args) -> dict:
         num_classes = data_classes  # a checkpoint's head: a mismatch is reported by the strict load
     if num_classes is not None and kind != "timm":
         raise ValueError(f"--num-classes is for timm models; {args.model!r} is a {kind} model")
-    built = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        checkpoint_key=args.checkpoint_key, random_init=args.random_init, num_classes=num_classes,
-                        kwargs=kwargs, class_names=_class_names(args, index, label_map),
-                        templates=_templates(args.templates) if kind == "open_clip" else None,
-                        use_test_size=not args.train_size)
+    built = build_model(
+        args.model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        checkpoint_key=args.checkpoint_key,
+        random_init=args.random_init,
+        num_classes=num_classes,
+        kwargs=kwargs,
+        class_names=_class_names(args, index, label_map),
+        templates=_templates(args.templates) if kind == "open_clip" else None,
+        use_test_size=not args.train_size,
+    )
     pre = built.preprocess
-    pre = Preprocess(args.img_size or pre.size, args.crop_pct or pre.crop_pct, args.interpolation or pre.interpolation,
-                     mean or pre.mean, std or pre.std,
-                     pre.source + ("; overridden: " + ", ".join(
-                         k for k, v in (("size", args.img_size), ("crop_pct", args.crop_pct),
-                                        ("interpolation", args.interpolation), ("mean", mean), ("std", std)) if v)
-                                   if any((args.img_size, args.crop_pct, args.interpolation, mean, std)) else ""))
+    pre = Preprocess(
+        args.img_size or pre.size,
+        args.crop_pct or pre.crop_pct,
+        args.interpolation or pre.interpolation,
+        mean or pre.mean,
+        std or pre.std,
+        pre.source
+        + (
+            "; overridden: "
+            + ", ".join(
+                k
+                for k, v in (
+                    ("size", args.img_size),
+                    ("crop_pct", args.crop_pct),
+                    ("interpolation", args.interpolation),
+                    ("mean", mean),
+                    ("std", std),
+                )
+                if v
+            )
+            if any((args.img_size, args.crop_pct, args.interpolation, mean, std))
+            else ""
+        ),
+    )
     if pre.size < 1:
         raise ValueError(f"the input size is unknown ({pre.source})")
     model = with_normalization(built.model, pre).to(device)
     with torch.no_grad():
         k = int(model(torch.zeros(1, 3, pre.size, pre.size, device=device)).shape[1])
     if k != data_classes:
-        raise ValueError(f"the model has {k} outputs but the data has {data_classes} classes"
-                         + (" (try --imagenet-labels for wnid classes)" if k == 1000 and index.classes else ""))
+        raise ValueError(
+            f"the model has {k} outputs but the data has {data_classes} classes"
+            + (" (try --imagenet-labels for wnid classes)" if k == 1000 and index.classes else "")
+        )
     protocol.check_input((3, pre.size, pre.size))
 
     # ---- subset, resume
@@ -402,20 +485,29 @@ def run(args) -> dict:
     keys = [s.key for s in chosen]
     subset_meta |= {"n": len(chosen), "sha256": subset_digest(keys), "first_keys": keys[:5]}
     fingerprint = {
-        "model": {k: v for k, v in built.info.items() if k in ("kind", "name", "pretrained", "checkpoint_key",
-                                                               "kwargs", "weights_sha256")},
-        "preprocess": pre._asdict() | {"source": None}, "data": {"path": str(args.data), "split": args.split,
-                                                                  "imagenet_labels": bool(label_map)},
-        "subset": {k: subset_meta[k] for k in ("kind", "n", "sha256")}, "protocol": protocol.to_dict(),
-        "batch_size": args.batch_size}
+        "model": {
+            k: v
+            for k, v in built.info.items()
+            if k in ("kind", "name", "pretrained", "checkpoint_key", "kwargs", "weights_sha256")
+        },
+        "preprocess": pre._asdict() | {"source": None},
+        "data": {"path": str(args.data), "split": args.split, "imagenet_labels": bool(label_map)},
+        "subset": {k: subset_meta[k] for k in ("kind", "n", "sha256")},
+        "protocol": protocol.to_dict(),
+        "batch_size": args.batch_size,
+    }
     sample_files = sorted(out.glob("samples.*.jsonl"))
     done: dict[str, dict] = {}
     if (out / "run.json").exists() or sample_files:
         if not args.resume:
             raise ValueError(f"{out} already holds an evaluation: pass --resume to continue it, or another --out")
         old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-        diff = sorted(k for k in fingerprint if json.dumps(old.get(k), sort_keys=True)
-                      != json.dumps(json.loads(json.dumps(fingerprint[k])), sort_keys=True))
+        diff = sorted(
+            k
+            for k in fingerprint
+            if json.dumps(old.get(k), sort_keys=True)
+            != json.dumps(json.loads(json.dumps(fingerprint[k])), sort_keys=True)
+        )
         if diff:
             raise ValueError(f"cannot resume {out}: {', '.join(diff)} differ from the run there (see {out}/run.json)")
         done = {k: v for k, v in read_sample_log(sample_files).items() if k in set(keys)}
@@ -428,24 +520,47 @@ def run(args) -> dict:
 
     # ---- evaluation
     transform = eval_transform(size=pre.size, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
-    batches = iter_image_batches(index, mine, transform=transform, batch_size=args.batch_size,
-                                 workers=args.workers, label_map=label_map)
-    report = robust_eval(model, batches, protocol=protocol, num_classes=data_classes,
-                         results=out / f"samples.{rank}.jsonl", done=done, device=device, total=len(mine),
-                         progress=not args.no_progress and rank == 0, log_every=args.log_every,
-                         desc=f"eval {len(chosen)} images" + (f" (rank {rank}/{world})" if world > 1 else ""))
+    batches = iter_image_batches(
+        index, mine, transform=transform, batch_size=args.batch_size, workers=args.workers, label_map=label_map
+    )
+    report = robust_eval(
+        model,
+        batches,
+        protocol=protocol,
+        num_classes=data_classes,
+        results=out / f"samples.{rank}.jsonl",
+        done=done,
+        device=device,
+        total=len(mine),
+        progress=not args.no_progress and rank == 0,
+        log_every=args.log_every,
+        desc=f"eval {len(chosen)} images" + (f" (rank {rank}/{world})" if world > 1 else ""),
+    )
     result = {
         "command": ["python", "-m", "advtrain.eval", *(sys.argv[1:] if args._argv is None else args._argv)],
         "model": built.info | {"num_classes": k},
-        "data": {"path": str(args.data), "kind": index.kind, "split": args.split, "samples": len(index.samples),
-                 "classes": data_classes, "imagenet_labels": bool(label_map), "shards": len(index.urls),
-                 "preprocess": pre._asdict() | {"resize_shorter_to": int(pre.size / pre.crop_pct + 1e-9),
-                                                "decode": "Pillow, full size", "normalization": "inside the model"}},
+        "data": {
+            "path": str(args.data),
+            "kind": index.kind,
+            "split": args.split,
+            "samples": len(index.samples),
+            "classes": data_classes,
+            "imagenet_labels": bool(label_map),
+            "shards": len(index.urls),
+            "preprocess": pre._asdict()
+            | {
+                "resize_shorter_to": int(pre.size / pre.crop_pct + 1e-9),
+                "decode": "Pillow, full size",
+                "normalization": "inside the model",
+            },
+        },
         "subset": subset_meta,
-        "protocol": protocol.to_dict() | {"batch_size": args.batch_size, "dtype": "float32", "autocast": False,
-                                          "tf32": False},
-        "attack_versions": {"pyautoattack": _md.version("pyautoattack"),
-                            "pgd": "advtrain.attacks.pgd (random start, steps and step size above)"},
+        "protocol": protocol.to_dict()
+        | {"batch_size": args.batch_size, "dtype": "float32", "autocast": False, "tf32": False},
+        "attack_versions": {
+            "pyautoattack": _md.version("pyautoattack"),
+            "pgd": "advtrain.attacks.pgd (random start, steps and step size above)",
+        },
         "distributed": {"world_size": world},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
         "versions": _versions(),
@@ -456,9 +571,11 @@ def run(args) -> dict:
     }
     if rank == 0:
         (out / "report.json").write_text(json.dumps(result, indent=1))
-        md = (f"# Robustness of {args.model}\n\n{report.table()}\n\n{report.n} images ({subset_meta['kind']} subset, "
-              f"sha256 {subset_meta['sha256'][:12]}), float32, batch {args.batch_size}, seed {args.seed}, "
-              f"pyautoattack {_md.version('pyautoattack')}.\n")
+        md = (
+            f"# Robustness of {args.model}\n\n{report.table()}\n\n{report.n} images ({subset_meta['kind']} subset, "
+            f"sha256 {subset_meta['sha256'][:12]}), float32, batch {args.batch_size}, seed {args.seed}, "
+            f"pyautoattack {_md.version('pyautoattack')}.\n"
+        )
         (out / "report.md").write_text(md)
         if args.plot:
             _plot(report, args.plot, out / f"robust_vs_eps_{args.plot}.png")

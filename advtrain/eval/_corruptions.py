@@ -41,9 +41,19 @@ class CorruptedImages(Dataset):
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous(), self.labels[i], p
 
 
-def corruption_errors(model: nn.Module, images: list[Tensor], labels: list[int], *, corruptions: tuple[str, ...],
-                      severities: tuple[int, ...], seed: int, batch_size: int = 256, num_workers: int = 0,
-                      device: torch.device | str = "cpu", progress: bool = False) -> dict:
+def corruption_errors(
+    model: nn.Module,
+    images: list[Tensor],
+    labels: list[int],
+    *,
+    corruptions: tuple[str, ...],
+    severities: tuple[int, ...],
+    seed: int,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict:
     r"""Top-1 error under every (corruption, severity), and their mean (the unnormalized mCE, in [0, 1]).
 
     .. math:: \mathrm{CE} = \frac{1}{|C|\,|S|} \sum_{c \in C} \sum_{s \in S} \mathrm{err}_{c,s}
@@ -69,13 +79,17 @@ def corruption_errors(model: nn.Module, images: list[Tensor], labels: list[int],
     from tqdm.auto import tqdm
 
     pairs = [(name, s) for name in corruptions for s in severities]
-    loader = DataLoader(CorruptedImages(images, labels, pairs, seed=seed), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    loader = DataLoader(
+        CorruptedImages(images, labels, pairs, seed=seed), batch_size=batch_size, num_workers=num_workers, shuffle=False
+    )
     correct = torch.zeros(len(pairs), dtype=torch.int64)
     with eval_mode(model), torch.no_grad():
         for x, y, p in tqdm(loader, desc="corruptions", unit="batch", dynamic_ncols=True, disable=not progress):
             ok = model(x.to(device).float().div_(255)).argmax(1).cpu() == y
             correct += torch.bincount(p[ok], minlength=len(pairs))
     err = (1 - correct.double() / len(images)).view(len(corruptions), len(severities))
-    return {"corruption_error": float(err.mean()), "corruption_n": len(images),
-            "corruption_errors": {name: err[i].tolist() for i, name in enumerate(corruptions)}}
+    return {
+        "corruption_error": float(err.mean()),
+        "corruption_n": len(images),
+        "corruption_errors": {name: err[i].tolist() for i, name in enumerate(corruptions)},
+    }

@@ -103,7 +103,9 @@ def index_shards(spec: str | Path | Sequence[str], *, split: str | None, cache: 
         for s in iter_shard_samples(url):
             key = s["__key__"]
             if not any(e in s for e in IMAGE_EXTS):
-                raise ValueError(f"sample {key!r} of {url} has no image ({sorted(k for k in s if not k.startswith('__'))})")
+                raise ValueError(
+                    f"sample {key!r} of {url} has no image ({sorted(k for k in s if not k.startswith('__'))})"
+                )
             lab = next((s[e] for e in LABEL_EXTS if e in s), None)
             if lab is None:
                 raise ValueError(f"sample {key!r} of {url} has no label (.cls)")
@@ -123,8 +125,18 @@ def index_shards(spec: str | Path | Sequence[str], *, split: str | None, cache: 
     classes, names = _manifest_classes(urls)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache).write_text(json.dumps({"urls": urls, "stamp": stamp, "classes": classes, "class_names": names,
-                                           "prefixed": prefixed, "samples": raw}))
+        Path(cache).write_text(
+            json.dumps(
+                {
+                    "urls": urls,
+                    "stamp": stamp,
+                    "classes": classes,
+                    "class_names": names,
+                    "prefixed": prefixed,
+                    "samples": raw,
+                }
+            )
+        )
     return DataIndex("shards", [EvalSample(k, y, urls[i]) for i, k, y in raw], classes, names, urls, prefixed)
 
 
@@ -152,7 +164,9 @@ def _manifest_classes(urls: list[str]) -> tuple[list[str] | None, list[str] | No
     return classes, names
 
 
-def index_data(path: str, *, kind: str = "auto", split: str | None = "val", cache: str | Path | None = None) -> DataIndex:
+def index_data(
+    path: str, *, kind: str = "auto", split: str | None = "val", cache: str | Path | None = None
+) -> DataIndex:
     """A class folder (``kind="folder"``) or WebDataset shards (``"shards"``); ``"auto"`` tells them apart.
 
     ``auto``: a folder holding ``manifest.json`` or ``*.tar*`` files, a ``.tar`` pattern or a URL are shards; any
@@ -166,8 +180,12 @@ def index_data(path: str, *, kind: str = "auto", split: str | None = "val", cach
         raise ValueError(f"data kind must be 'auto', 'folder' or 'shards'; got {kind!r}")
     p = Path(path)
     if kind == "auto":
-        shards = (".tar" in path or "://" in path or path.startswith("pipe:")
-                  or (p.is_dir() and ((p / "manifest.json").exists() or any(p.glob("*.tar*")))))
+        shards = (
+            ".tar" in path
+            or "://" in path
+            or path.startswith("pipe:")
+            or (p.is_dir() and ((p / "manifest.json").exists() or any(p.glob("*.tar*"))))
+        )
         if not shards and not p.exists():
             raise FileNotFoundError(f"data {path!r} does not exist")
         kind = "shards" if shards else "folder"

@@ -61,9 +61,9 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 def _parse_spec(spec: str) -> tuple[str, str]:
     if spec.startswith("open_clip:"):
-        return "open_clip", spec[len("open_clip:"):]
+        return "open_clip", spec[len("open_clip:") :]
     if spec.startswith("timm:"):
-        return "timm", spec[len("timm:"):]
+        return "timm", spec[len("timm:") :]
     if ":" in spec:
         return "python", spec
     return "timm", spec
@@ -99,16 +99,37 @@ def build_model(
     from advtrain.models import file_sha256, load_weights
 
     kind, name = _parse_spec(spec)
-    sources = [s for s, on in (("--pretrained", bool(pretrained)), ("--checkpoint", checkpoint is not None),
-                               ("--random-init", random_init)) if on]
+    sources = [
+        s
+        for s, on in (
+            ("--pretrained", bool(pretrained)),
+            ("--checkpoint", checkpoint is not None),
+            ("--random-init", random_init),
+        )
+        if on
+    ]
     if len(sources) != 1:
-        raise ValueError(f"give exactly one of --pretrained, --checkpoint, --random-init for the weights; got "
-                         f"{sources or 'none'}")
-    info: dict[str, Any] = {"kind": kind, "name": name, "pretrained": pretrained or None, "checkpoint": checkpoint,
-                            "checkpoint_key": checkpoint_key, "random_init": random_init, "kwargs": kwargs}
+        raise ValueError(
+            f"give exactly one of --pretrained, --checkpoint, --random-init for the weights; got {sources or 'none'}"
+        )
+    info: dict[str, Any] = {
+        "kind": kind,
+        "name": name,
+        "pretrained": pretrained or None,
+        "checkpoint": checkpoint,
+        "checkpoint_key": checkpoint_key,
+        "random_init": random_init,
+        "kwargs": kwargs,
+    }
     if kind == "open_clip":
-        model, pre, extra = _open_clip(name, pretrained=pretrained, checkpoint=checkpoint, class_names=class_names,
-                                       templates=templates, kwargs=kwargs)
+        model, pre, extra = _open_clip(
+            name,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            class_names=class_names,
+            templates=templates,
+            kwargs=kwargs,
+        )
         info |= extra
     else:
         if kind == "timm":
@@ -121,11 +142,19 @@ def build_model(
             except RuntimeError as err:
                 raise ValueError(f"timm cannot build {name!r}: {str(err).splitlines()[0]}") from None
             cfg = timm.data.resolve_data_config(model=inner, use_test_size=use_test_size)
-            pre = Preprocess(int(cfg["input_size"][-1]), float(cfg["crop_pct"]), str(cfg["interpolation"]),
-                             tuple(cfg["mean"]), tuple(cfg["std"]),
-                             f"timm pretrained_cfg of {name} ({'test' if use_test_size else 'train'} size)")
-            info["pretrained_cfg"] = {k: inner.pretrained_cfg.get(k) for k in ("architecture", "tag", "hf_hub_id", "url")
-                                      if k in inner.pretrained_cfg}
+            pre = Preprocess(
+                int(cfg["input_size"][-1]),
+                float(cfg["crop_pct"]),
+                str(cfg["interpolation"]),
+                tuple(cfg["mean"]),
+                tuple(cfg["std"]),
+                f"timm pretrained_cfg of {name} ({'test' if use_test_size else 'train'} size)",
+            )
+            info["pretrained_cfg"] = {
+                k: inner.pretrained_cfg.get(k)
+                for k in ("architecture", "tag", "hf_hub_id", "url")
+                if k in inner.pretrained_cfg
+            }
         else:
             inner = _factory(name, kwargs)
             pcfg = getattr(inner, "pretrained_cfg", None)
@@ -133,15 +162,25 @@ def build_model(
                 import timm
 
                 cfg = timm.data.resolve_data_config(model=inner, use_test_size=use_test_size)
-                pre = Preprocess(int(cfg["input_size"][-1]), float(cfg["crop_pct"]), str(cfg["interpolation"]),
-                                 tuple(cfg["mean"]), tuple(cfg["std"]), f"pretrained_cfg of {name}")
+                pre = Preprocess(
+                    int(cfg["input_size"][-1]),
+                    float(cfg["crop_pct"]),
+                    str(cfg["interpolation"]),
+                    tuple(cfg["mean"]),
+                    tuple(cfg["std"]),
+                    f"pretrained_cfg of {name}",
+                )
             else:
                 pre = Preprocess(0, 0.875, "bicubic", (), (), f"{name} has no pretrained_cfg: give --img-size")
         if checkpoint is not None:
             report = load_weights(inner, checkpoint, strict=True, key=checkpoint_key)
             info["checkpoint_sha256"] = report.sha256
-            info["load"] = {"loaded": len(report.loaded), "prefixes_stripped": list(report.prefixes),
-                            "container": list(report.container), "ignored": list(report.ignored)}
+            info["load"] = {
+                "loaded": len(report.loaded),
+                "prefixes_stripped": list(report.prefixes),
+                "container": list(report.container),
+                "ignored": list(report.ignored),
+            }
         model = inner
     info["weights_sha256"] = state_dict_sha256(model)
     info["parameters"] = sum(p.numel() for p in model.parameters())
@@ -171,11 +210,15 @@ def _open_clip(name, *, pretrained, checkpoint, class_names, templates, kwargs):
     from advtrain.losses import FrozenTextTower, ZeroShotHead, text_classifier
 
     if checkpoint is not None:
-        raise ValueError("open_clip models take their weights through --pretrained TAG_OR_FILE (open_clip converts "
-                         "its checkpoints), not --checkpoint")
+        raise ValueError(
+            "open_clip models take their weights through --pretrained TAG_OR_FILE (open_clip converts "
+            "its checkpoints), not --checkpoint"
+        )
     if not class_names:
-        raise ValueError("an open_clip model needs class names for its zero-shot classifier (--class-names, or a "
-                         "manifest with class_names, or ImageNet wnid folders)")
+        raise ValueError(
+            "an open_clip model needs class names for its zero-shot classifier (--class-names, or a "
+            "manifest with class_names, or ImageNet wnid folders)"
+        )
     extra = {}
     if name.endswith(".json"):
         from pathlib import Path
@@ -190,18 +233,28 @@ def _open_clip(name, *, pretrained, checkpoint, class_names, templates, kwargs):
         raise ValueError(f"open_clip has no model {name!r} (open_clip.list_models())")
     tag = pretrained if isinstance(pretrained, str) else None
     if pretrained is True:
-        raise ValueError("--pretrained for an open_clip model needs a tag or a file, e.g. --pretrained laion2b_s34b_b79k")
+        raise ValueError(
+            "--pretrained for an open_clip model needs a tag or a file, e.g. --pretrained laion2b_s34b_b79k"
+        )
     clip = open_clip.create_model(name, pretrained=tag, force_custom_text=True, **kwargs)
     cfg = open_clip.get_model_preprocess_cfg(clip)
     size = cfg.get("size", clip.visual.image_size)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     if cfg.get("resize_mode", "shortest") != "shortest":
-        raise ValueError(f"open_clip model {name!r} uses resize_mode={cfg.get('resize_mode')!r}; only 'shortest' "
-                         "(resize + center crop) is supported")
+        raise ValueError(
+            f"open_clip model {name!r} uses resize_mode={cfg.get('resize_mode')!r}; only 'shortest' "
+            "(resize + center crop) is supported"
+        )
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
-    pre = Preprocess(size, 1.0, str(cfg.get("interpolation", "bicubic")), mean, std,
-                     f"open_clip preprocess_cfg of {name} (resize shorter side to {size}, center crop)")
+    pre = Preprocess(
+        size,
+        1.0,
+        str(cfg.get("interpolation", "bicubic")),
+        mean,
+        std,
+        f"open_clip preprocess_cfg of {name} (resize shorter side to {size}, center crop)",
+    )
     tower = FrozenTextTower(clip.text, open_clip.get_tokenizer(name), name=f"{name}:{tag or 'random'}")
     with torch.no_grad():
         w = text_classifier(tower, list(class_names), templates=list(templates))
@@ -209,9 +262,12 @@ def _open_clip(name, *, pretrained, checkpoint, class_names, templates, kwargs):
     model = nn.Sequential()
     model.add_module("visual", clip.visual)
     model.add_module("head", head)
-    extra |= {"open_clip_name": name, "class_names": list(class_names),
-              "templates": [t if isinstance(t, str) else t("{}") for t in templates],
-              "logit_scale": float(clip.logit_scale.detach())}
+    extra |= {
+        "open_clip_name": name,
+        "class_names": list(class_names),
+        "templates": [t if isinstance(t, str) else t("{}") for t in templates],
+        "logit_scale": float(clip.logit_scale.detach()),
+    }
     return model, pre, extra
 
 

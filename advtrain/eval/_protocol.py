@@ -105,8 +105,10 @@ class EvalProtocol:
                 if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
                     raise ValueError(f"eps for {norm} must be finite numbers > 0; got {e!r}")
                 if norm == "linf" and e > 0.5:
-                    raise ValueError(f"eps {e:g} for linf is above 0.5, where the ball holds the gray image of every "
-                                     f"input in [0, 1]: pixels are in [0, 1] (did you mean {e:g}/255?)")
+                    raise ValueError(
+                        f"eps {e:g} for linf is above 0.5, where the ball holds the gray image of every "
+                        f"input in [0, 1]: pixels are in [0, 1] (did you mean {e:g}/255?)"
+                    )
             if len(set(radii)) != len(radii):
                 raise ValueError(f"eps[{norm!r}] repeats a radius: {radii}")
             eps[norm] = tuple(float(e) for e in radii)
@@ -114,8 +116,9 @@ class EvalProtocol:
         if isinstance(self.pgd_steps, bool) or not isinstance(self.pgd_steps, int) or self.pgd_steps < 0:
             raise ValueError(f"pgd_steps must be an int >= 0; got {self.pgd_steps!r}")
         if self.pgd_steps and (not isinstance(self.pgd_rel_step, (int, float)) or not 0 < self.pgd_rel_step <= 10):
-            raise ValueError(f"pgd_rel_step (the step as a fraction of eps) must be in (0, 10] with PGD; "
-                             f"got {self.pgd_rel_step!r}")
+            raise ValueError(
+                f"pgd_rel_step (the step as a fraction of eps) must be in (0, 10] with PGD; got {self.pgd_rel_step!r}"
+            )
         aa = self.autoattack
         if aa is not None and not isinstance(aa, str):
             aa = tuple(aa)
@@ -134,13 +137,32 @@ class EvalProtocol:
         for norm, radii in self.eps.items():
             for e in radii:
                 if self.pgd_steps:
-                    out.append(AttackSpec(f"pgd{self.pgd_steps}-{norm}-{eps_label(norm, e)}", "pgd", norm, e,
-                                          self.pgd_steps, e * self.pgd_rel_step, None, None))
+                    out.append(
+                        AttackSpec(
+                            f"pgd{self.pgd_steps}-{norm}-{eps_label(norm, e)}",
+                            "pgd",
+                            norm,
+                            e,
+                            self.pgd_steps,
+                            e * self.pgd_rel_step,
+                            None,
+                            None,
+                        )
+                    )
                 if self.autoattack is not None:
                     custom = not isinstance(self.autoattack, str)
-                    out.append(AttackSpec(f"autoattack-{norm}-{eps_label(norm, e)}", "autoattack", norm, e, None,
-                                          None, "custom" if custom else self.autoattack,
-                                          tuple(self.autoattack) if custom else None))
+                    out.append(
+                        AttackSpec(
+                            f"autoattack-{norm}-{eps_label(norm, e)}",
+                            "autoattack",
+                            norm,
+                            e,
+                            None,
+                            None,
+                            "custom" if custom else self.autoattack,
+                            tuple(self.autoattack) if custom else None,
+                        )
+                    )
         return tuple(out)
 
     def check_input(self, shape: Sequence[int]) -> None:
@@ -150,8 +172,10 @@ class EvalProtocol:
             top = max_sensible_eps(norm, dim)
             for e in radii:
                 if e > top:
-                    raise ValueError(f"eps {e:g} for {norm} is above {top:g} on {tuple(shape)} images "
-                                     f"({dim} values in [0, 1]): there the ball holds the gray image of every input")
+                    raise ValueError(
+                        f"eps {e:g} for {norm} is above {top:g} on {tuple(shape)} images "
+                        f"({dim} values in [0, 1]): there the ball holds the gray image of every input"
+                    )
 
     def to_dict(self) -> dict:
         """Plain JSON types, the attacks spelled out."""
@@ -187,8 +211,13 @@ def strict_float32():
 def _check_float32(model: Any) -> None:
     if not isinstance(model, nn.Module):
         return
-    other = sorted({str(t.dtype) for t in [*model.parameters(), *model.buffers()]
-                    if t.is_floating_point() and t.dtype != torch.float32})
+    other = sorted(
+        {
+            str(t.dtype)
+            for t in [*model.parameters(), *model.buffers()]
+            if t.is_floating_point() and t.dtype != torch.float32
+        }
+    )
     if other:
         raise ValueError(f"robust evaluation runs in float32; the model holds {other} tensors: pass model.float()")
 
@@ -286,23 +315,36 @@ class RobustReport(NamedTuple):
         lines = ["| attack | norm | eps | accuracy (%) | 95% CI | correct / n |", "|---|---|---|---|---|---|"]
         rows = [("clean", "-", "-", self.counts["clean"])]
         for a in self.attacks:
-            label = f"PGD-{a.steps}" if a.kind == "pgd" else (
-                f"AutoAttack ({a.version})" if a.version != "custom" else f"AutoAttack ({'+'.join(a.attacks)})")
+            label = (
+                f"PGD-{a.steps}"
+                if a.kind == "pgd"
+                else (f"AutoAttack ({a.version})" if a.version != "custom" else f"AutoAttack ({'+'.join(a.attacks)})")
+            )
             rows.append((label, a.norm, eps_label(a.norm, a.eps), self.counts[a.name]))
         for label, norm, eps, k in rows:
             lo, hi = wilson_interval(k, self.n)
-            lines.append(f"| {label} | {norm} | {eps} | {100 * k / self.n:.2f} | {100 * lo:.1f}-{100 * hi:.1f} "
-                         f"| {k} / {self.n} |")
+            lines.append(
+                f"| {label} | {norm} | {eps} | {100 * k / self.n:.2f} | {100 * lo:.1f}-{100 * hi:.1f} "
+                f"| {k} / {self.n} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "clean": self.clean, "robust": self.robust, "counts": dict(self.counts),
-                "attacks": [a._asdict() | {"attacks": list(a.attacks) if a.attacks else None} for a in self.attacks],
-                "seconds": self.seconds, "resumed": self.resumed, "nonfinite_clean": self.nonfinite}
+        return {
+            "n": self.n,
+            "clean": self.clean,
+            "robust": self.robust,
+            "counts": dict(self.counts),
+            "attacks": [a._asdict() | {"attacks": list(a.attacks) if a.attacks else None} for a in self.attacks],
+            "seconds": self.seconds,
+            "resumed": self.resumed,
+            "nonfinite_clean": self.nonfinite,
+        }
 
 
-def report_from_records(records: Mapping[str, dict], attacks: Sequence[AttackSpec], *, seconds: float = 0.0,
-                        resumed: int = 0) -> RobustReport:
+def report_from_records(
+    records: Mapping[str, dict], attacks: Sequence[AttackSpec], *, seconds: float = 0.0, resumed: int = 0
+) -> RobustReport:
     """Counts the per-sample records (``{"key", "label", "clean", <attack name>: bool, ...}``).
 
     Raises:
@@ -315,8 +357,9 @@ def report_from_records(records: Mapping[str, dict], attacks: Sequence[AttackSpe
     for key, r in records.items():
         missing = [k for k in counts if k not in r]
         if missing:
-            raise ValueError(f"the record of sample {key!r} has no result for {missing}: was it written by another "
-                             f"protocol?")
+            raise ValueError(
+                f"the record of sample {key!r} has no result for {missing}: was it written by another protocol?"
+            )
         for k in counts:
             counts[k] += bool(r[k])
         nonfinite += bool(r.get("nonfinite", False))
@@ -368,17 +411,32 @@ def _in_ball(x_adv: Tensor, x: Tensor, spec: AttackSpec) -> None:
     size = {"linf": lambda: d.abs().amax(1), "l2": lambda: d.norm(dim=1), "l1": lambda: d.abs().sum(1)}[spec.norm]()
     bad = (size > spec.eps * (1 + 1e-4) + 1e-6) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
     if bool(bad.any()):
-        raise RuntimeError(f"{spec.name} returned {int(bad.sum())} points outside the {spec.norm} ball of radius "
-                           f"{spec.eps:g} or the [0, 1] box (largest {spec.norm} size {float(size.max()):.6g})")
+        raise RuntimeError(
+            f"{spec.name} returned {int(bad.sum())} points outside the {spec.norm} ball of radius "
+            f"{spec.eps:g} or the [0, 1] box (largest {spec.norm} size {float(size.max()):.6g})"
+        )
 
 
 def _attack_fn(spec: AttackSpec, *, seed: int, keys: Sequence[str], device: torch.device):
     if spec.kind == "pgd":
         g = torch.Generator(device=device).manual_seed(_stable_seed(seed, spec.name, keys[0], len(keys)))
-        return functools.partial(pgd, eps=spec.eps, step_size=spec.step_size, steps=spec.steps, norm=spec.norm,
-                                 random_start=True, generator=g)
-    return functools.partial(autoattack, norm=spec.norm, eps=spec.eps, version=spec.version,
-                             attacks=list(spec.attacks) if spec.attacks else None, seed=seed)
+        return functools.partial(
+            pgd,
+            eps=spec.eps,
+            step_size=spec.step_size,
+            steps=spec.steps,
+            norm=spec.norm,
+            random_start=True,
+            generator=g,
+        )
+    return functools.partial(
+        autoattack,
+        norm=spec.norm,
+        eps=spec.eps,
+        version=spec.version,
+        attacks=list(spec.attacks) if spec.attacks else None,
+        seed=seed,
+    )
 
 
 def _correct(model, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -475,8 +533,7 @@ def robust_eval(
     for r in done.values():
         for k in counts:
             counts[k] += bool(r.get(k, False))
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     checked, offset = False, 0
     try:
         with eval_mode(model), strict_float32():
@@ -500,8 +557,10 @@ def robust_eval(
                     protocol.check_input(tuple(x.shape[1:]))
                     checked = True
                 if int(y.min()) < 0 or int(y.max()) >= classes:
-                    raise ValueError(f"labels must be in [0, {classes}) for a {classes}-way model; got "
-                                     f"[{int(y.min())}, {int(y.max())}]")
+                    raise ValueError(
+                        f"labels must be in [0, {classes}) for a {classes}-way model; got "
+                        f"[{int(y.min())}, {int(y.max())}]"
+                    )
                 flags = {"clean": ok}
                 for spec in specs:
                     flags[spec.name] = _robust(model, spec, x, y, ok, seed=protocol.seed, keys=keys)
@@ -554,7 +613,6 @@ def _robust(model, spec: AttackSpec, x: Tensor, y: Tensor, ok: Tensor, *, seed: 
     return out
 
 
-
 # ------------------------------------------------------------------------------------------------ recipes
 
 
@@ -573,8 +631,10 @@ def _selected(batches: Iterable[Any], keep: Sequence[int] | None, labels: dict[i
         for j, lab in enumerate(y.tolist()):
             i = pos + j
             if labels.setdefault(i, int(lab)) != int(lab):
-                raise ValueError(f"validation sample {i} has label {int(lab)} now and {labels[i]} before: the "
-                                 f"validation batches must come in the same order on every pass")
+                raise ValueError(
+                    f"validation sample {i} has label {int(lab)} now and {labels[i]} before: the "
+                    f"validation batches must come in the same order on every pass"
+                )
             if (i % world == rank) if share is None else share.get(i, False):
                 idx.append(j)
         if idx:
@@ -583,9 +643,21 @@ def _selected(batches: Iterable[Any], keep: Sequence[int] | None, labels: dict[i
         pos += len(y)
 
 
-def recipe_eval(model: nn.Module, batches, *, norms: Sequence[str], eps: Mapping[str, float], pgd_steps: int,
-                pgd_step_size: float, autoattack_samples: int, seed: int, results: str | Path | None,
-                progress: bool = False, desc: str = "eval", distributed: bool = True) -> dict:
+def recipe_eval(
+    model: nn.Module,
+    batches,
+    *,
+    norms: Sequence[str],
+    eps: Mapping[str, float],
+    pgd_steps: int,
+    pgd_step_size: float,
+    autoattack_samples: int,
+    seed: int,
+    results: str | Path | None,
+    progress: bool = False,
+    desc: str = "eval",
+    distributed: bool = True,
+) -> dict:
     r"""The recipes' end-of-stage evaluation: :func:`robust_eval` (strict float32) as a flat metrics dict.
 
     Clean top-1 and PGD-``pgd_steps`` (step ``pgd_step_size`` at the l_inf radius, scaled with the radius for
@@ -641,19 +713,34 @@ def recipe_eval(model: nn.Module, batches, *, norms: Sequence[str], eps: Mapping
         return p
 
     def short(name: str, prefix: str) -> str:
-        return prefix if name.endswith(f"-{norms[0]}-{eps_label(norms[0], radii[norms[0]])}") else (
-            f"{prefix}-{name.split('-')[1]}")
+        return (
+            prefix
+            if name.endswith(f"-{norms[0]}-{eps_label(norms[0], radii[norms[0]])}")
+            else (f"{prefix}-{name.split('-')[1]}")
+        )
 
     labels: dict[int, int] = {}
-    r = robust_eval(model, _selected(batches(), None, labels, rank=rank, world=world), progress=progress, desc=desc,
-                    protocol=EvalProtocol(eps=radii, pgd_steps=pgd_steps, pgd_rel_step=rel, autoattack=None,
-                                          seed=seed), results=path(""), gather=dist)
+    r = robust_eval(
+        model,
+        _selected(batches(), None, labels, rank=rank, world=world),
+        progress=progress,
+        desc=desc,
+        protocol=EvalProtocol(eps=radii, pgd_steps=pgd_steps, pgd_rel_step=rel, autoattack=None, seed=seed),
+        results=path(""),
+        gather=dist,
+    )
     out = {"clean": r.clean, "n": r.n} | {short(k, f"pgd{pgd_steps}"): v for k, v in r.robust.items()}
     if autoattack_samples:
         pos = sorted(labels)
         keep = stratified_subset([str(i) for i in pos], [labels[i] for i in pos], n=autoattack_samples, seed=seed)
-        ra = robust_eval(model, _selected(batches(), [pos[i] for i in keep], labels, rank=rank, world=world),
-                         protocol=EvalProtocol(eps=radii, pgd_steps=0, autoattack="standard", seed=seed),
-                         results=path("-autoattack"), progress=progress, desc="autoattack", gather=dist)
+        ra = robust_eval(
+            model,
+            _selected(batches(), [pos[i] for i in keep], labels, rank=rank, world=world),
+            protocol=EvalProtocol(eps=radii, pgd_steps=0, autoattack="standard", seed=seed),
+            results=path("-autoattack"),
+            progress=progress,
+            desc="autoattack",
+            gather=dist,
+        )
         out |= {short(k, "autoattack"): v for k, v in ra.robust.items()} | {"autoattack_n": ra.n}
     return out

@@ -104,8 +104,15 @@ def resolution_sweep(
     for size, hw in zip(sizes, pairs):
         batches = _Resized(loader, hw, device)
         label = f"{desc} {hw[0]}px" if hw[0] == hw[1] else f"{desc} {hw[0]}x{hw[1]}px"
-        report = evaluate(_at_size(model, hw), batches, attacks=attacks, max_samples=max_samples,
-                          progress=progress, log_every=log_every, desc=label)
+        report = evaluate(
+            _at_size(model, hw),
+            batches,
+            attacks=attacks,
+            max_samples=max_samples,
+            progress=progress,
+            log_every=log_every,
+            desc=label,
+        )
         results.append(ResolutionResult(size, report))
     return results
 
@@ -184,8 +191,10 @@ def format_resolution_table(results: Sequence[ResolutionResult]) -> str:
     """
     rows = _check_results(results)
     names = _metric_names(rows)
-    lines = ["| resolution | " + " | ".join(f"{k} (%)" for k in names) + " | n | time (s) |",
-             "|---|" + "---|" * (len(names) + 2)]
+    lines = [
+        "| resolution | " + " | ".join(f"{k} (%)" for k in names) + " | n | time (s) |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
     for size, r in rows:
         accs = [_accuracy(r, k) for k in names]
         cells = ["-" if a is None else f"{100 * a:.2f}" for a in accs]
@@ -270,8 +279,7 @@ def _at_size(model: Any, size: tuple[int, int]) -> Any:
     from advtrain.tokens import resample_vit_
 
     def needs(m: nn.Module) -> bool:
-        return (isinstance(m, VisionTransformer) and not m.dynamic_img_size
-                and tuple(m.patch_embed.img_size) != size)
+        return isinstance(m, VisionTransformer) and not m.dynamic_img_size and tuple(m.patch_embed.img_size) != size
 
     if not any(needs(m) for m in model.modules()):
         return model

@@ -20,8 +20,15 @@ AttackFn = Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor]
 
 #: The (images, labels) key pairs a dict batch may use, tried in this order.
 BATCH_KEYS: tuple[tuple[str, str], ...] = (
-    ("image", "label"), ("images", "labels"), ("img", "label"), ("imgs", "labels"), ("pixel_values", "labels"),
-    ("input", "target"), ("inputs", "targets"), ("x", "y"), ("jpg", "cls"),
+    ("image", "label"),
+    ("images", "labels"),
+    ("img", "label"),
+    ("imgs", "labels"),
+    ("pixel_values", "labels"),
+    ("input", "target"),
+    ("inputs", "targets"),
+    ("x", "y"),
+    ("jpg", "cls"),
 )
 
 
@@ -147,8 +154,10 @@ def evaluate(
             counts = torch.stack([ok.sum(), (~finite).sum(), y.min().long(), y.max().long()])
             n_ok, n_bad, y_min, y_max = counts.tolist()  # the batch's one host sync for the clean pass
             if y_min < 0 or y_max >= logits.shape[1]:
-                raise ValueError(f"batch {i}: labels must be in [0, {logits.shape[1]}) (the logits' columns); "
-                                 f"got min {y_min}, max {y_max}")
+                raise ValueError(
+                    f"batch {i}: labels must be in [0, {logits.shape[1]}) (the logits' columns); "
+                    f"got min {y_min}, max {y_max}"
+                )
             clean += n_ok
             nonfinite["clean"] += n_bad
             for name, attack in attacks.items():
@@ -167,12 +176,16 @@ def evaluate(
                 break
     bar.close()
     if n == 0:
-        raise ValueError(f"the loader yielded no samples ({batches} batches, all empty)" if batches
-                         else "the loader yielded no samples (no batches)")
+        raise ValueError(
+            f"the loader yielded no samples ({batches} batches, all empty)"
+            if batches
+            else "the loader yielded no samples (no batches)"
+        )
     if any(nonfinite.values()):
         warnings.warn(
             f"{desc}: non-finite logits (NaN/inf) counted as wrong: "
-            + ", ".join(f"{k} {v}" for k, v in nonfinite.items() if v) + f" of {n} samples",
+            + ", ".join(f"{k} {v}" for k, v in nonfinite.items() if v)
+            + f" of {n} samples",
             NonFiniteWarning,
             stacklevel=2,
         )
@@ -217,28 +230,37 @@ def _check_batch(x: Any, y: Any, i: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"batch {i}: images must be a torch.Tensor; got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"batch {i}: images must be floating pixels in [0, 1]; got {x.dtype} (convert with "
-                        f"x.float() / 255)")
+        raise TypeError(
+            f"batch {i}: images must be floating pixels in [0, 1]; got {x.dtype} (convert with x.float() / 255)"
+        )
     one_label = isinstance(y, Tensor) and y.ndim == 0 or (not isinstance(y, Tensor) and isinstance(y, numbers.Integral))
     if one_label or x.ndim < 2:
-        raise ValueError(f"batch {i}: images of shape {tuple(x.shape)} with "
-                         f"{'one label' if one_label else 'labels'}: a batch dimension is missing (iterate a "
-                         f"DataLoader, not the Dataset, or add one with x.unsqueeze(0))")
+        raise ValueError(
+            f"batch {i}: images of shape {tuple(x.shape)} with "
+            f"{'one label' if one_label else 'labels'}: a batch dimension is missing (iterate a "
+            f"DataLoader, not the Dataset, or add one with x.unsqueeze(0))"
+        )
     if not isinstance(y, Tensor):
         raise TypeError(f"batch {i}: labels must be a torch.Tensor of class indices; got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex():
-        raise TypeError(f"batch {i}: labels must be integer class indices; got {y.dtype} (for one-hot or soft "
-                        f"targets pass y.argmax(1))")
+        raise TypeError(
+            f"batch {i}: labels must be integer class indices; got {y.dtype} (for one-hot or soft "
+            f"targets pass y.argmax(1))"
+        )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        hint = (": if x is one (C, H, W) image, a batch dimension is missing" if x.ndim == 3 else "")
-        raise ValueError(f"batch {i}: labels must be ({x.shape[0]},) like the images' batch; got labels of shape "
-                         f"{tuple(y.shape)} for images of shape {tuple(x.shape)}{hint}")
+        hint = ": if x is one (C, H, W) image, a batch dimension is missing" if x.ndim == 3 else ""
+        raise ValueError(
+            f"batch {i}: labels must be ({x.shape[0]},) like the images' batch; got labels of shape "
+            f"{tuple(y.shape)} for images of shape {tuple(x.shape)}{hint}"
+        )
 
 
 def _logits(out: Any, b: int, what: str) -> Tensor:
     if not isinstance(out, Tensor):
-        raise TypeError(f"{what} must be a (B, K) logits tensor; got {type(out).__name__} (wrap the model to "
-                        f"return the logits, e.g. lambda x: model(x)[0])")
+        raise TypeError(
+            f"{what} must be a (B, K) logits tensor; got {type(out).__name__} (wrap the model to "
+            f"return the logits, e.g. lambda x: model(x)[0])"
+        )
     if out.ndim != 2 or out.shape[0] != b:
         raise ValueError(f"{what} must be ({b}, K) logits; got shape {tuple(out.shape)}")
     return out

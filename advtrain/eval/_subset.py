@@ -1,4 +1,5 @@
-"""Which samples an evaluation runs on: RobustBench's fixed ImageNet list, a seeded stratified subset, a rank's share."""
+"""Which samples an evaluation runs on: RobustBench's fixed ImageNet list, a seeded stratified subset, a rank's
+share."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def robustbench_imagenet_ids(path: str | Path | None = None) -> list[str]:
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != ROBUSTBENCH_IMAGENET_SHA256:
-        raise ValueError(f"{str(path)!r} has sha256 {digest}, RobustBench 1.1.1's list has {ROBUSTBENCH_IMAGENET_SHA256}")
+        raise ValueError(
+            f"{str(path)!r} has sha256 {digest}, RobustBench 1.1.1's list has {ROBUSTBENCH_IMAGENET_SHA256}"
+        )
     return raw.decode().split()
 
 
@@ -64,8 +67,9 @@ def imagenet_val_id(key: str) -> str | None:
     return m.group(0) if m else None
 
 
-def robustbench_subset(keys: Sequence[str], labels: Sequence[int], *, n: int | None = None,
-                       ids: Sequence[str] | None = None) -> list[int]:
+def robustbench_subset(
+    keys: Sequence[str], labels: Sequence[int], *, n: int | None = None, ids: Sequence[str] | None = None
+) -> list[int]:
     """Positions in ``keys`` of RobustBench's ImageNet images (the first ``n`` of its list), in the list's order.
 
     Samples are matched on their ``ILSVRC2012_val_XXXXXXXX`` id (:func:`imagenet_val_id`), so class folders and
@@ -100,8 +104,10 @@ def robustbench_subset(keys: Sequence[str], labels: Sequence[int], *, n: int | N
             where[v] = i
     missing = [e for e in ids if imagenet_val_id(e) not in where]
     if missing:
-        raise ValueError(f"{len(missing)} of the {len(ids)} RobustBench ImageNet images are not in the data "
-                         f"({len(keys)} samples, {len(where)} with an ILSVRC2012_val id), e.g. {missing[:3]}")
+        raise ValueError(
+            f"{len(missing)} of the {len(ids)} RobustBench ImageNet images are not in the data "
+            f"({len(keys)} samples, {len(where)} with an ILSVRC2012_val id), e.g. {missing[:3]}"
+        )
     from timm.data import ImageNetInfo
 
     order = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
@@ -113,8 +119,10 @@ def robustbench_subset(keys: Sequence[str], labels: Sequence[int], *, n: int | N
             wrong.append(f"{keys[i]}: label {int(labels[i])}, ImageNet-1k index of {e.split('/')[0]} is {expected}")
         out.append(i)
     if wrong:
-        raise ValueError(f"{len(wrong)} of the {len(ids)} RobustBench images have labels outside the ImageNet-1k "
-                         f"class order (sorted wnids), e.g. {wrong[:3]}")
+        raise ValueError(
+            f"{len(wrong)} of the {len(ids)} RobustBench images have labels outside the ImageNet-1k "
+            f"class order (sorted wnids), e.g. {wrong[:3]}"
+        )
     return out
 
 

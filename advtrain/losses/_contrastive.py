@@ -218,8 +218,12 @@ class ClipContrastiveLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return clip_contrastive_loss(
-            image_features, text_features, logit_scale=self.logit_scale, max_scale=self.max_scale,
-            direction=self.direction, reduction=self.reduction,
+            image_features,
+            text_features,
+            logit_scale=self.logit_scale,
+            max_scale=self.max_scale,
+            direction=self.direction,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -227,10 +231,7 @@ class ClipContrastiveLoss(nn.Module):
 
 
 def contrastive_attack_loss(
-    *,
-    logit_scale: float | Tensor,
-    max_scale: float = MAX_LOGIT_SCALE,
-    direction: Direction = "symmetric",
+    *, logit_scale: float | Tensor, max_scale: float = MAX_LOGIT_SCALE, direction: Direction = "symmetric"
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""A ``loss_fn`` for :func:`advtrain.pgd` that maximizes the contrastive loss (AdvXL Eq. 3).
 
@@ -281,7 +282,11 @@ def contrastive_attack_loss(
 
     def loss_fn(image_features: Tensor, text_features: Tensor) -> Tensor:
         return clip_contrastive_loss(
-            image_features, text_features, logit_scale=scale_param, max_scale=max_scale, direction=direction,
+            image_features,
+            text_features,
+            logit_scale=scale_param,
+            max_scale=max_scale,
+            direction=direction,
             reduction="none",
         )
 

@@ -12,11 +12,7 @@ Reduction = Literal["none", "mean", "sum"]
 
 
 def cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    label_smoothing: float = 0.0,
-    reduction: Reduction = "mean",
+    logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0, reduction: Reduction = "mean"
 ) -> Tensor:
     r"""Cross-entropy of ``logits`` against integer labels or soft target distributions.
 

@@ -228,7 +228,11 @@ def tiny_text_tower(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = TextTransformer(
-            context_length=context_length, vocab_size=49408, width=width, heads=heads, layers=layers,
+            context_length=context_length,
+            vocab_size=49408,
+            width=width,
+            heads=heads,
+            layers=layers,
             output_dim=embed_dim,
         )
     with torch.no_grad():

@@ -17,5 +17,12 @@ from advtrain.models._weights import (
 )
 
 __all__ = ["ConvStem", "StemAct", "StemNorm", "convstem_"]
-__all__ += ["WeightsMismatchError", "WeightsReport", "file_sha256", "find_state_dict", "load_weights",
-            "read_checkpoint", "strip_prefixes"]
+__all__ += [
+    "WeightsMismatchError",
+    "WeightsReport",
+    "file_sha256",
+    "find_state_dict",
+    "load_weights",
+    "read_checkpoint",
+    "strip_prefixes",
+]

@@ -97,11 +97,7 @@ class ConvStem(nn.Module):
 
 
 def convstem_(
-    model: nn.Module,
-    *,
-    channels: Sequence[int] | None = None,
-    norm: StemNorm = "layer",
-    act: StemAct = "gelu",
+    model: nn.Module, *, channels: Sequence[int] | None = None, norm: StemNorm = "layer", act: StemAct = "gelu"
 ) -> nn.Module:
     r"""Replaces a timm ViT's or ConvNeXt's patchify stem with a :class:`ConvStem` of the same stride, in place.
 
@@ -253,4 +249,3 @@ def _act(act: Any) -> nn.Module:
             return nn.ReLU()
         case _:
             raise ValueError(f"act must be 'gelu' or 'relu'; got {act!r}")
-

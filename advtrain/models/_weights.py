@@ -116,7 +116,9 @@ def find_state_dict(checkpoint: Any, *, key: str | Sequence[str] | None = None) 
         (['w'], ('model',))
     """
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"a checkpoint must be a mapping (a state dict or a dict holding one); got {type(checkpoint).__name__}")
+        raise TypeError(
+            f"a checkpoint must be a mapping (a state dict or a dict holding one); got {type(checkpoint).__name__}"
+        )
     path: list[str] = []
     sd: Mapping = checkpoint
     if key is not None:
@@ -135,12 +137,15 @@ def find_state_dict(checkpoint: Any, *, key: str | Sequence[str] | None = None) 
             path.append(inner)
     if not isinstance(sd, Mapping) or not any(isinstance(v, Tensor) for v in sd.values()):
         top = sorted(map(str, sd)) if isinstance(sd, Mapping) else type(sd).__name__
-        raise ValueError(f"no tensors in checkpoint{path and f'[{path}]' or ''}: keys {top[:20]}; pass key= to pick the state dict")
+        raise ValueError(
+            f"no tensors in checkpoint{path and f'[{path}]' or ''}: keys {top[:20]}; pass key= to pick the state dict"
+        )
     return dict(sd), tuple(path)
 
 
-def strip_prefixes(state_dict: Mapping[str, Any], model_keys: set[str],
-                   *, prefixes: Sequence[str] = WRAPPER_PREFIXES) -> tuple[dict, tuple[str, ...]]:
+def strip_prefixes(
+    state_dict: Mapping[str, Any], model_keys: set[str], *, prefixes: Sequence[str] = WRAPPER_PREFIXES
+) -> tuple[dict, tuple[str, ...]]:
     """Strips wrapper prefixes from checkpoint keys while that makes more of them model keys.
 
     Greedy: at each round, the prefix whose removal (from the keys that carry it) matches the most model keys
@@ -241,13 +246,19 @@ def load_weights(
     sd, container = find_state_dict(source, key=key)
     own = model.state_dict()
     sd, stripped = strip_prefixes(sd, set(own), prefixes=prefixes)
-    ignored = sorted(k for k, v in sd.items()
-                     if not isinstance(v, Tensor) or any(fnmatch.fnmatchcase(k, pat) for pat in ignore))
+    ignored = sorted(
+        k for k, v in sd.items() if not isinstance(v, Tensor) or any(fnmatch.fnmatchcase(k, pat) for pat in ignore)
+    )
     sd = {k: v for k, v in sd.items() if k not in set(ignored)}
     if filter_fn is not None:
         sd = dict(filter_fn(sd, model))
-    mismatched = tuple(sorted((k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
-                              if k in own and tuple(v.shape) != tuple(own[k].shape)))
+    mismatched = tuple(
+        sorted(
+            (k, tuple(v.shape), tuple(own[k].shape))
+            for k, v in sd.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        )
+    )
     if skip_mismatched:
         sd = {k: v for k, v in sd.items() if k not in {m[0] for m in mismatched}}
     missing = tuple(sorted(k for k in own if k not in sd))

@@ -29,12 +29,7 @@ from advtrain.parallel._fsdp import (
     shard_model_,
     unwrap,
 )
-from advtrain.parallel._memory import (
-    MemoryEstimate,
-    estimate_memory,
-    format_memory_estimate,
-    vit_block_bytes_per_token,
-)
+from advtrain.parallel._memory import MemoryEstimate, estimate_memory, format_memory_estimate, vit_block_bytes_per_token
 
 __all__ = [
     "MemoryEstimate",

@@ -452,7 +452,7 @@ def consolidate(
         dcp.load({key: target}, checkpoint_id=path, no_dist=True)
     sd = {}
     for name, t in target.items():
-        short = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
+        short = name[len(strip_prefix) :] if strip_prefix and name.startswith(strip_prefix) else name
         if short not in drop:
             sd[short] = t
     out.parent.mkdir(parents=True, exist_ok=True)

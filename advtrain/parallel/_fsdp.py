@@ -74,7 +74,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
         units = getattr(inner, attr, None)
         if isinstance(units, (nn.Sequential, nn.ModuleList)) and len(units):
             return list(units)
-    layers = [getattr(inner, f"layer{i}") for i in range(1, 5) if isinstance(getattr(inner, f"layer{i}", None), nn.Module)]
+    layers = [
+        getattr(inner, f"layer{i}") for i in range(1, 5) if isinstance(getattr(inner, f"layer{i}", None), nn.Module)
+    ]
     if layers:
         return layers
     raise ValueError(
@@ -113,8 +115,9 @@ def mixed_precision_policy(precision: Precision):
             return MixedPrecisionPolicy(), MixedPrecisionPolicy()
         case "bf16":
             block = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                        output_dtype=torch.float32)
+            root = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+            )
             return block, root
     raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
 
@@ -135,7 +138,8 @@ def checkpoint_blocks_(model: nn.Module, *, blocks: list[nn.Module] | None = Non
     Uses ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (``CheckpointImpl.NO_REENTRANT``,
     i.e. ``torch.utils.checkpoint(..., use_reentrant=False)``): ``state_dict`` keys stay as they were (the
     wrapper strips its ``_checkpoint_wrapped_module.`` prefix, and so do DCP's ``get_state_dict`` names), so
-    checkpoints load into an unwrapped model and back; a parent's ``named_parameters()`` does show the prefix. Apply it before :func:`torch.distributed.fsdp.fully_shard` (which :func:`shard_model_`
+    checkpoints load into an unwrapped model and back; a parent's ``named_parameters()`` does show the prefix.
+    Apply it before :func:`torch.distributed.fsdp.fully_shard` (which :func:`shard_model_`
     does) and before DDP; it works without FSDP too.
 
     Args:
@@ -312,13 +316,17 @@ def check_fsdp_compatible(model: nn.Module, *, recycling: bool, compile: bool) -
 
     split = sorted({n for n, m in model.named_modules() if isinstance(m, (SplitBatchNorm, SplitSyncBatchNorm))})
     if split:
-        raise ValueError(f"split BatchNorm (advtrain.bn) is not supported under FSDP; use run.parallel=ddp "
-                         f"(found {len(split)}, e.g. {split[0]!r})")
+        raise ValueError(
+            f"split BatchNorm (advtrain.bn) is not supported under FSDP; use run.parallel=ddp "
+            f"(found {len(split)}, e.g. {split[0]!r})"
+        )
     if recycling:
         raise ValueError("gradient recycling (advtrain.recycle) is not supported under FSDP; use run.parallel=ddp")
     if compile:
-        raise ValueError("torch.compile with FSDP is not supported by advtrain.parallel yet; set run.compile=false "
-                         "or use run.parallel=ddp")
+        raise ValueError(
+            "torch.compile with FSDP is not supported by advtrain.parallel yet; set run.compile=false "
+            "or use run.parallel=ddp"
+        )
 
 
 def broadcast_buffers_(model: nn.Module, *, src: int = 0) -> None:

@@ -282,14 +282,30 @@ def estimate_memory(
         params, grads, optim = 4 * shard, 4 * shard, 8 * shard
         working = c * (p_rest + 2 * p_block) + (c + 4) * max(p_rest, 2 * p_block)
     if hasattr(inner, "blocks") and hasattr(inner, "patch_embed"):
-        tokens, acts = _vit_activations(inner, img_size=img_size, batch=batch_per_gpu, mode=mode,
-                                        checkpointing=activation_checkpointing)
+        tokens, acts = _vit_activations(
+            inner, img_size=img_size, batch=batch_per_gpu, mode=mode, checkpointing=activation_checkpointing
+        )
     else:
         tokens = 0
-        acts = _traced_activations(model, img_size=img_size, batch=batch_per_gpu, mode=mode,
-                                   checkpointing=activation_checkpointing)
-    return MemoryEstimate(model_name, img_size, tokens, batch_per_gpu, world, parallel, activation_checkpointing,
-                          precision, n, params, grads, optim, working, acts)
+        acts = _traced_activations(
+            model, img_size=img_size, batch=batch_per_gpu, mode=mode, checkpointing=activation_checkpointing
+        )
+    return MemoryEstimate(
+        model_name,
+        img_size,
+        tokens,
+        batch_per_gpu,
+        world,
+        parallel,
+        activation_checkpointing,
+        precision,
+        n,
+        params,
+        grads,
+        optim,
+        working,
+        acts,
+    )
 
 
 def format_memory_estimate(e: MemoryEstimate) -> str:
@@ -304,7 +320,9 @@ def format_memory_estimate(e: MemoryEstimate) -> str:
     ac = " + activation checkpointing" if e.activation_checkpointing else ""
     tok = f" ({e.tokens} tokens)" if e.tokens else ""
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-    return (f"{e.model} {e.img_size}px{tok} x {e.batch_per_gpu}/GPU, {e.world} GPUs, {e.parallel}{ac}, "
-            f"{e.precision}: {g(e.total)} GiB per GPU (params {g(e.params)}, grads {g(e.grads)}, "
-            f"AdamW {g(e.optim)}, working {g(e.working)}, activations {g(e.activations)}; "
-            f"{e.n_params / 1e6:.0f}M parameters; estimate, not measured on a GPU)")
+    return (
+        f"{e.model} {e.img_size}px{tok} x {e.batch_per_gpu}/GPU, {e.world} GPUs, {e.parallel}{ac}, "
+        f"{e.precision}: {g(e.total)} GiB per GPU (params {g(e.params)}, grads {g(e.grads)}, "
+        f"AdamW {g(e.optim)}, working {g(e.working)}, activations {g(e.activations)}; "
+        f"{e.n_params / 1e6:.0f}M parameters; estimate, not measured on a GPU)"
+    )

@@ -130,8 +130,9 @@ def recycled_step(
     elif loss.ndim == 0:
         total = loss
     else:
-        raise ValueError(f"loss_fn must return ({x.shape[0]},) per-sample losses or a scalar; "
-                         f"got shape {tuple(loss.shape)}")
+        raise ValueError(
+            f"loss_fn must return ({x.shape[0]},) per-sample losses or a scalar; got shape {tuple(loss.shape)}"
+        )
     (beta * total).backward()  # one backward: beta * grad into every parameter's .grad, and into d.grad
     grad = d.grad / beta if d.grad is not None else torch.zeros_like(d)
     return Recycled(loss.detach(), grad.detach(), output.detach())

@@ -44,9 +44,7 @@ def check_tokens(tokens: Any, num_prefix_tokens: Any) -> int:
         raise ValueError(f"tokens must be (B, N, D); got shape {tuple(tokens.shape)}")
     p = check_count(num_prefix_tokens, "num_prefix_tokens", minimum=0)
     if p >= tokens.shape[1]:
-        raise ValueError(
-            f"tokens of shape {tuple(tokens.shape)} hold no patch token after {p} prefix tokens"
-        )
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} hold no patch token after {p} prefix tokens")
     return p
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -76,8 +77,9 @@ def load_latest_checkpoint(run_dir: str | Path, log: Callable[[str], None]) -> d
     return None
 
 
-def training_state(objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ...] = ("loader", "budget"),
-                   **extra: Any) -> dict:
+def training_state(
+    objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ...] = ("loader", "budget"), **extra: Any
+) -> dict:
     """A checkpoint's content: each object's ``state_dict()``, and every rank's own entries and RNG states.
 
     ``objects`` named in ``per_rank`` (data loaders: each rank reads its own shards; bad-sample budgets: each
@@ -99,8 +101,9 @@ def training_state(objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ..
     return shared | extra | {"world_size": dd.world, "ranks": gather_per_rank(own, dd)}
 
 
-def restore_training_state(state: dict, objects: dict[str, Any], dd: Dist, *,
-                           per_rank: tuple[str, ...] = ("loader", "budget")) -> None:
+def restore_training_state(
+    state: dict, objects: dict[str, Any], dd: Dist, *, per_rank: tuple[str, ...] = ("loader", "budget")
+) -> None:
     """Loads what :func:`training_state` saved into ``objects``; each rank takes its own per-rank entries.
 
     Checkpoints from before per-rank entries (one ``loader`` and ``rng`` at the top level) load in one process.
@@ -110,9 +113,11 @@ def restore_training_state(state: dict, objects: dict[str, Any], dd: Dist, *,
     """
     ranks = state.get("ranks") or [{k: state[k] for k in (*per_rank, "rng") if k in state}]
     if len(ranks) != dd.world:
-        raise ResumeError(f"the checkpoint at {state.get('samples_seen')} samples was written by {len(ranks)} "
-                          f"process(es), one data-loader state each; this run has {dd.world}: resume with "
-                          f"{len(ranks)} processes (or start afresh in another run.out_dir)")
+        raise ResumeError(
+            f"the checkpoint at {state.get('samples_seen')} samples was written by {len(ranks)} "
+            f"process(es), one data-loader state each; this run has {dd.world}: resume with "
+            f"{len(ranks)} processes (or start afresh in another run.out_dir)"
+        )
     mine = ranks[dd.rank]
     for name, obj in objects.items():
         if obj is None:

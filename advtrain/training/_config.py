@@ -46,8 +46,12 @@ class RunConfig:
             value = getattr(self, name)
             v.check(isinstance(value, int) and value >= 1, key=name, value=value, allowed="an int >= 1")
         v.device_name(self.device, key="device")
-        v.check(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), key="threads",
-                value=self.threads, allowed="null (torch's default) or an int >= 1")
+        v.check(
+            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            key="threads",
+            value=self.threads,
+            allowed="null (torch's default) or an int >= 1",
+        )
         if self.wandb is not None:
             v.non_empty(self.wandb, key="wandb")
 
@@ -116,8 +120,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) \
-            and value == int(value):
+    if (
+        tp is int
+        and isinstance(value, float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value == int(value)
+    ):
         return int(value)  # 1e6 samples
     wrong = not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     if tp in (int, str, bool, float, dict, list) and wrong:
@@ -230,7 +239,7 @@ def override(cfg: T, items: list[str]) -> T:
             if i == len(parts) - 1:
                 node[p] = value
             elif node[p] is None:
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is None here; set it whole first")
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is None here; set it whole first")
             else:
                 node = node[p]
     return from_dict(type(cfg), data)
@@ -253,10 +262,16 @@ def _diff(a: Any, b: Any, key: str, out: list[str], missing_ok: bool) -> None:
             if k in a and k in b:
                 _diff(a[k], b[k], sub, out, missing_ok)
             elif not missing_ok:
-                out.append(f"{sub} {json.dumps(a[k]) if k in a else '(absent)'} -> "
-                           f"{json.dumps(b[k]) if k in b else '(absent)'}")
-    elif (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
-          and any(isinstance(v, (dict, list)) for v in a + b)):
+                out.append(
+                    f"{sub} {json.dumps(a[k]) if k in a else '(absent)'} -> "
+                    f"{json.dumps(b[k]) if k in b else '(absent)'}"
+                )
+    elif (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and len(a) == len(b)
+        and any(isinstance(v, (dict, list)) for v in a + b)
+    ):
         for i, (x, y) in enumerate(zip(a, b)):
             _diff(x, y, f"{key}.{i}", out, missing_ok)
     elif a != b and not _same_path(a, b):
@@ -308,7 +323,11 @@ def precision_for_device(precision: str, *, device_type: str, explicit: bool) ->
     if precision != "bf16" or device_type != "cpu":
         return precision, None
     if explicit:
-        return "bf16", ("warning: run.precision=bf16 on CPU as asked: bf16 autocast is usually many times slower "
-                        "than fp32 on CPUs (issue 21: 7 vs 142 img/s for a vit_tiny)")
-    return "fp32", ("notice: running on CPU, so run.precision falls back from the preset's bf16 to fp32 (bf16 is "
-                    "many times slower on CPUs); set run.precision=bf16 to keep it")
+        return "bf16", (
+            "warning: run.precision=bf16 on CPU as asked: bf16 autocast is usually many times slower "
+            "than fp32 on CPUs (issue 21: 7 vs 142 img/s for a vit_tiny)"
+        )
+    return "fp32", (
+        "notice: running on CPU, so run.precision falls back from the preset's bf16 to fp32 (bf16 is "
+        "many times slower on CPUs); set run.precision=bf16 to keep it"
+    )

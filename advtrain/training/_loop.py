@@ -6,7 +6,8 @@ import contextlib
 import difflib
 import math
 import warnings
-from typing import Iterable, Iterator, Literal
+from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 from torch.utils.data import IterableDataset

@@ -6,8 +6,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 
 class MetricsError(ValueError):
@@ -28,8 +29,9 @@ def _parse(path: Path, log: Callable[[str], None] | None) -> tuple[list[dict], b
                 if log is not None:
                     log(f"{path}: dropped a torn last line {lineno} (a crash mid-write?): {line[:60]!r}")
                 return rows, True
-            raise MetricsError(f"{path}:{lineno} is not a JSON line ({err.msg}): {line[:60]!r}; fix or move the "
-                               f"file aside") from None
+            raise MetricsError(
+                f"{path}:{lineno} is not a JSON line ({err.msg}): {line[:60]!r}; fix or move the file aside"
+            ) from None
     return rows, False
 
 
@@ -66,9 +68,11 @@ def truncate_metrics(path: str | Path, samples: int, *, log: Callable[[str], Non
 
 def _scalars(row: dict) -> dict[str, float]:
     kind = row.get("kind", "metrics")
-    return {f"{kind}/{k}": float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("samples", "step")
-            and math.isfinite(v)}
+    return {
+        f"{kind}/{k}": float(v)
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("samples", "step") and math.isfinite(v)
+    }
 
 
 class Sink(Protocol):
@@ -127,10 +131,17 @@ class WandbSink:
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb-id.txt"
         if not id_file.exists():
-            id_file.write_text(hashlib.blake2b(f"{run_dir.resolve()}:{os.getpid()}".encode(),
-                                               digest_size=8).hexdigest())
-        self.run = wandb.init(project=project, name=run_dir.name, id=id_file.read_text().strip(), resume="allow",
-                              dir=str(run_dir), config=config)
+            id_file.write_text(
+                hashlib.blake2b(f"{run_dir.resolve()}:{os.getpid()}".encode(), digest_size=8).hexdigest()
+            )
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
 
     def write(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -172,7 +183,7 @@ class MetricsLog:
             for sink in self.sinks:
                 sink.close()
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -193,7 +204,9 @@ def check_sinks(*, tensorboard: bool, wandb: str | None) -> None:
     """Raises a one-line ``ValueError`` naming the extra to install when an asked-for sink's library is missing."""
     import importlib.util
 
-    for wanted, module, extra, key in ((tensorboard, "tensorboard", "tensorboard", "run.tensorboard=true"),
-                                       (wandb, "wandb", "wandb", "run.wandb")):
+    for wanted, module, extra, key in (
+        (tensorboard, "tensorboard", "tensorboard", "run.tensorboard=true"),
+        (wandb, "wandb", "wandb", "run.wandb"),
+    ):
         if wanted and importlib.util.find_spec(module) is None:
             raise ValueError(f"{key} needs the {module!r} package: pip install 'advtrain[{extra}]'")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 Keys = tuple[str, ...] | Callable[[str], bool]
 
@@ -38,8 +39,15 @@ def _keys(panel: Panel, rows: list[dict]) -> list[str]:
     return [k for k in panel.keys if any(k in r for r in rows)]
 
 
-def plot_metrics(rows: list[dict], path: str | Path, *, panels: list[Panel], total: int | None = None,
-                 edges: list[tuple[float, str]] = (), width: float = 5.5) -> Path | None:
+def plot_metrics(
+    rows: list[dict],
+    path: str | Path,
+    *,
+    panels: list[Panel],
+    total: int | None = None,
+    edges: list[tuple[float, str]] = (),
+    width: float = 5.5,
+) -> Path | None:
     """Draws metric rows (``read_metrics``) into a PNG, one panel per :class:`Panel`, left to right.
 
     Training rows are lines (with markers when there are few points, so a short run still shows its curve);
@@ -88,9 +96,17 @@ def plot_metrics(rows: list[dict], path: str | Path, *, panels: list[Panel], tot
             ax.set_ylim(lo, hi + 0.15 * (hi - lo))
         for x, label in edges:
             ax.axvline(x, ls="--", c="gray", lw=0.8)
-            ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(0, -12),
-                        textcoords="offset points", ha="center", fontsize=8, color="gray",
-                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"))
+            ax.annotate(
+                label,
+                (x, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, -12),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                color="gray",
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"),
+            )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

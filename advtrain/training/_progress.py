@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from advtrain.training._distributed import Dist
 
@@ -52,8 +53,19 @@ class Progress:
         ['demo 2/4 step', 'demo 4/4 step']
     """
 
-    def __init__(self, *, total: int, initial: int, unit: str, desc: str, dd: Dist, every: int,
-                 log: Callable[[str], None], min_interval: float = 0.5, tty: bool | None = None):
+    def __init__(
+        self,
+        *,
+        total: int,
+        initial: int,
+        unit: str,
+        desc: str,
+        dd: Dist,
+        every: int,
+        log: Callable[[str], None],
+        min_interval: float = 0.5,
+        tty: bool | None = None,
+    ):
         self.total, self.done, self.unit, self.desc, self.every, self.log = total, initial, unit, desc, every, log
         self.enabled = dd.main
         self.tty = interactive() if tty is None else tty
@@ -62,8 +74,17 @@ class Progress:
         if self.enabled and self.tty:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=unit == "img", desc=desc,
-                            dynamic_ncols=True, mininterval=min_interval, miniters=1, file=sys.stdout)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit=unit,
+                unit_scale=unit == "img",
+                desc=desc,
+                dynamic_ncols=True,
+                mininterval=min_interval,
+                miniters=1,
+                file=sys.stdout,
+            )
 
     def update(self, n: int, **postfix: Any) -> None:
         """``n`` more units done by one step; ``postfix`` values are shown beside the bar (or in the line)."""
@@ -80,8 +101,10 @@ class Progress:
             rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
             extra = " ".join(f"{k} {v}" for k, v in shown.items())
-            self.log(f"{self.desc} {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%, "
-                     f"{rate:.3g} {self.unit}/s, elapsed {_fmt_time(elapsed)}, eta {_fmt_time(eta)}) {extra}".rstrip())
+            self.log(
+                f"{self.desc} {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%, "
+                f"{rate:.3g} {self.unit}/s, elapsed {_fmt_time(elapsed)}, eta {_fmt_time(eta)}) {extra}".rstrip()
+            )
 
     def close(self) -> None:
         if self.bar is not None:

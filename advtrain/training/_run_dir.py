@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from advtrain.training._checkpoint import checkpoint_files, load_latest_checkpoint
 from advtrain.training._config import config_diff
@@ -19,16 +19,28 @@ from advtrain.training._distributed import Dist, barrier
 from advtrain.training._metrics import MetricsLog, Sink, truncate_metrics
 
 # what a run writes into its directory; a fresh start moves these aside (never the submitit folder or others)
-RUN_FILES = ("config.json", "meta.json", "metrics.jsonl", "metrics.png", "results.md", "checkpoints", "tensorboard",
-             "wandb", "wandb-id.txt", "resolution.md", "resolution.png")
+RUN_FILES = (
+    "config.json",
+    "meta.json",
+    "metrics.jsonl",
+    "metrics.png",
+    "results.md",
+    "checkpoints",
+    "tensorboard",
+    "wandb",
+    "wandb-id.txt",
+    "resolution.md",
+    "resolution.png",
+)
 
 
 class RunDirError(ValueError):
     """A run directory that this run may not write into or resume from; the one-line message says what to do."""
 
 
-def check_run_dir(run_dir: str | Path, config: dict, *, fresh: bool = False,
-                  ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")) -> None:
+def check_run_dir(
+    run_dir: str | Path, config: dict, *, fresh: bool = False, ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")
+) -> None:
     """Refuses a run directory that holds a run with another config, naming the fields that differ.
 
     Read-only: launchers call it before they start or submit anything. With ``fresh`` any old run is moved aside
@@ -51,8 +63,10 @@ def check_run_dir(run_dir: str | Path, config: dict, *, fresh: bool = False,
     diff = config_diff(old, config, ignore=ignore, missing_ok=True)
     if diff:
         more = f" (+{len(diff) - 8} more)" if len(diff) > 8 else ""
-        raise RunDirError(f"{run_dir} holds a run with a different config: {', '.join(diff[:8])}{more}; use another "
-                          f"run.out_dir or --fresh (run.fresh=true)")
+        raise RunDirError(
+            f"{run_dir} holds a run with a different config: {', '.join(diff[:8])}{more}; use another "
+            f"run.out_dir or --fresh (run.fresh=true)"
+        )
 
 
 def _version(name: str) -> str | None:
@@ -73,19 +87,35 @@ def environment_meta(*, source: str | Path | None = None, **packages: str | tupl
     cwd = Path(source or __file__)
     cwd = cwd if cwd.is_dir() else cwd.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                             timeout=10).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=cwd,
-                                    timeout=10).stdout.strip())
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=cwd, timeout=10
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "unknown", False
     import torch
 
     import advtrain
 
-    meta = {"git_revision": rev, "git_dirty": dirty, "command": sys.argv, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": _version("timm"), "advtrain": advtrain.__version__,
-            "host": platform.node(), "cuda": torch.version.cuda, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    meta = {
+        "git_revision": rev,
+        "git_dirty": dirty,
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "advtrain": advtrain.__version__,
+        "host": platform.node(),
+        "cuda": torch.version.cuda,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
     for key, names in packages.items():
         meta[key] = next(filter(None, map(_version, (names,) if isinstance(names, str) else names)), None)
     return meta
@@ -111,8 +141,9 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def prepare(self, config: dict, *, meta: dict, fresh: bool = False,
-                ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")) -> None:
+    def prepare(
+        self, config: dict, *, meta: dict, fresh: bool = False, ignore: tuple[str, ...] = ("run.fresh", "run.out_dir")
+    ) -> None:
         """Checks the config against a saved one, moves an old run aside when ``fresh``, writes config and meta.
 
         A collective (it ends with a barrier): every rank calls it before reading the directory.
@@ -156,9 +187,11 @@ class RunDir:
             left = [p.name for p in (self.metrics_path,) if p.exists() and p.stat().st_size]
             left += [f"{len(checkpoint_files(self.path))} checkpoint file(s)"] if checkpoint_files(self.path) else []
             if left:
-                raise RunDirError(f"{self.path} holds {' and '.join(left)} but no usable checkpoint to resume from; "
-                                  f"start over with --fresh (run.fresh=true: the old files are moved aside) or use "
-                                  f"another run.out_dir")
+                raise RunDirError(
+                    f"{self.path} holds {' and '.join(left)} but no usable checkpoint to resume from; "
+                    f"start over with --fresh (run.fresh=true: the old files are moved aside) or use "
+                    f"another run.out_dir"
+                )
         elif self.dd.main:
             truncate_metrics(self.metrics_path, state["samples_seen"], log=self.log)
         return state

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -65,8 +66,10 @@ class StepTimer:
 
     def window(self) -> dict[str, float]:
         """``data_wait_s`` and ``img_per_s`` over the iterations since the last call; starts a new window."""
-        out = {"data_wait_s": self._wait / self._steps if self._steps else math.nan,
-               "img_per_s": self._images / self._wall if self._wall > 0 else math.nan}
+        out = {
+            "data_wait_s": self._wait / self._steps if self._steps else math.nan,
+            "img_per_s": self._images / self._wall if self._wall > 0 else math.nan,
+        }
         self._wait = self._wall = 0.0
         self._images = self._steps = 0
         return out

@@ -2,7 +2,7 @@
 
 A section calls them in its ``__post_init__`` with the field's name; :func:`advtrain.training.from_dict` (and so
 ``override`` and ``load_config``) prefixes the section's dotted key, so a user reads
-``stages.0.attack.eps: 2.0 is not in (0, 1) for an l_inf radius (pixels in [0, 1]); 2/255 = 0.00784 is written 0.00784``.
+``stages.0.attack.eps: 2.0 is not an l_inf radius in [0, 1) (pixels in [0, 1]); did you mean 2/255 = 0.007843?``.
 """
 
 from __future__ import annotations
@@ -56,20 +56,29 @@ def positive(value: Any, *, key: str, optional: bool = False) -> None:
     """
     if value is None and optional:
         return
-    check(_number(value) and math.isfinite(value) and value > 0, key=key, value=value,
-          allowed="a finite number > 0" + (" (or null)" if optional else ""))
+    check(
+        _number(value) and math.isfinite(value) and value > 0,
+        key=key,
+        value=value,
+        allowed="a finite number > 0" + (" (or null)" if optional else ""),
+    )
 
 
 def non_negative(value: Any, *, key: str, optional: bool = False) -> None:
     """``value`` is a finite number >= 0 (or None, when ``optional``)."""
     if value is None and optional:
         return
-    check(_number(value) and math.isfinite(value) and value >= 0, key=key, value=value,
-          allowed="a finite number >= 0" + (" (or null)" if optional else ""))
+    check(
+        _number(value) and math.isfinite(value) and value >= 0,
+        key=key,
+        value=value,
+        allowed="a finite number >= 0" + (" (or null)" if optional else ""),
+    )
 
 
-def in_range(value: Any, lo: float, hi: float, *, key: str, lo_open: bool = False, hi_open: bool = False,
-             optional: bool = False) -> None:
+def in_range(
+    value: Any, lo: float, hi: float, *, key: str, lo_open: bool = False, hi_open: bool = False, optional: bool = False
+) -> None:
     """``lo <= value <= hi`` (``<`` on an open side), e.g. ``in_range(p, 0, 1, lo_open=True)`` for (0, 1].
 
     Example:
@@ -80,8 +89,12 @@ def in_range(value: Any, lo: float, hi: float, *, key: str, lo_open: bool = Fals
     """
     if value is None and optional:
         return
-    ok = _number(value) and math.isfinite(value) and (lo < value if lo_open else lo <= value) \
+    ok = (
+        _number(value)
+        and math.isfinite(value)
+        and (lo < value if lo_open else lo <= value)
         and (value < hi if hi_open else value <= hi)
+    )
     check(ok, key=key, value=value, allowed=f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
 
 
@@ -122,8 +135,11 @@ def eps_for_norm(value: Any, *, norm: str, key: str, allow_zero: bool = False) -
         return
     name = {"l2": "l_2", "l1": "l_1"}[norm]
     if not (_number(value) and math.isfinite(value) and 0 < value <= hi):
-        raise FieldError(key, f"{value!r} is not an {name} radius in {lo}, {hi:g}] (pixels in [0, 1]; larger radii "
-                              f"are not small perturbations)")
+        raise FieldError(
+            key,
+            f"{value!r} is not an {name} radius in {lo}, {hi:g}] (pixels in [0, 1]; larger radii "
+            f"are not small perturbations)",
+        )
 
 
 def divisible(value: Any, by: int, *, key: str, what: str = "") -> None:
@@ -135,16 +151,21 @@ def divisible(value: Any, by: int, *, key: str, what: str = "") -> None:
         ...
         advtrain.training._validate.FieldError: eval.img_size: 30 is not divisible by the patch size 4 of vit_tiny
     """
-    check(isinstance(value, int) and value % by == 0, key=key, value=value,
-          allowed=f"divisible by {what.format(by) if what else by}")
+    check(
+        isinstance(value, int) and value % by == 0,
+        key=key,
+        value=value,
+        allowed=f"divisible by {what.format(by) if what else by}",
+    )
 
 
 def device_name(value: Any, *, key: str) -> None:
     """``None``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     if value is None:
         return
-    ok = isinstance(value, str) and (value in ("cpu", "cuda", "mps")
-                                     or (value.startswith("cuda:") and value[5:].isdigit()))
+    ok = isinstance(value, str) and (
+        value in ("cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+    )
     check(ok, key=key, value=value, allowed="null, 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
@@ -155,14 +176,19 @@ def check_data_counts(data: Any, *, key: str = "data") -> None:
     Kept outside the Data dataclasses (a recipe's ``TrainConfig.__post_init__`` calls it), so a recipe's data
     section can change without touching these checks.
     """
+
     def whole(name: str, least: int, optional: bool = False) -> None:
         if not hasattr(data, name):
             return
         v = getattr(data, name)
         if v is None and optional:
             return
-        check(isinstance(v, int) and not isinstance(v, bool) and v >= least, key=f"{key}.{name}", value=v,
-              allowed=f"an int >= {least}" + (" (or null: all)" if optional else ""))
+        check(
+            isinstance(v, int) and not isinstance(v, bool) and v >= least,
+            key=f"{key}.{name}",
+            value=v,
+            allowed=f"an int >= {least}" + (" (or null: all)" if optional else ""),
+        )
 
     whole("batch_size", 1)
     whole("num_workers", 0)

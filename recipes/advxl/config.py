@@ -89,14 +89,22 @@ class Model:
         v.check(self.num_classes >= 1, key="num_classes", value=self.num_classes, allowed="an int >= 1")
         v.in_range(self.drop_path, 0, 1, key="drop_path", hi_open=True)
         if self.stem_channels is not None:
-            v.check(len(self.stem_channels) > 0, key="stem_channels", value=self.stem_channels,
-                    allowed="null or a non-empty list of widths")
+            v.check(
+                len(self.stem_channels) > 0,
+                key="stem_channels",
+                value=self.stem_channels,
+                allowed="null or a non-empty list of widths",
+            )
             v.each(self.stem_channels, v.positive, key="stem_channels")
         v.each(self.mean, v.in_range, key="mean", lo=0, hi=1)
         v.each(self.std, v.positive, key="std")
         if "patch_size" in self.kwargs:
-            v.check(isinstance(self.kwargs["patch_size"], int) and self.kwargs["patch_size"] >= 1,
-                    key="kwargs.patch_size", value=self.kwargs["patch_size"], allowed="an int >= 1")
+            v.check(
+                isinstance(self.kwargs["patch_size"], int) and self.kwargs["patch_size"] >= 1,
+                key="kwargs.patch_size",
+                value=self.kwargs["patch_size"],
+                allowed="an int >= 1",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,12 +173,20 @@ class Eval:
         if self.pgd_steps:
             v.eps_for_norm(self.pgd_step_size, norm="linf", key="pgd_step_size")
             v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 when eval.pgd_steps > 0")
-        v.check(self.autoattack_samples >= 0, key="autoattack_samples", value=self.autoattack_samples,
-                allowed="an int >= 0 (0: no AutoAttack)")
+        v.check(
+            self.autoattack_samples >= 0,
+            key="autoattack_samples",
+            value=self.autoattack_samples,
+            allowed="an int >= 0 (0: no AutoAttack)",
+        )
         if self.autoattack_samples:
             v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 for AutoAttack")
-        v.check(self.img_size is None or self.img_size >= 1, key="img_size", value=self.img_size,
-                allowed="null (the last stage's) or an int >= 1 (px)")
+        v.check(
+            self.img_size is None or self.img_size >= 1,
+            key="img_size",
+            value=self.img_size,
+            allowed="null (the last stage's) or an int >= 1 (px)",
+        )
         v.each(self.resolutions, v.positive, key="resolutions")
 
 
@@ -215,8 +231,9 @@ class TrainConfig:
                 v.divisible(r, p, key=f"eval.resolutions.{i}", what=why)
         for i, s in enumerate(self.stages):
             if s.attack.steps and s.attack.eps == 0:
-                raise v.FieldError(f"stages.{i}.attack.eps", "0 with attack.steps > 0; set steps=0 for standard "
-                                                            "training, or eps > 0")
+                raise v.FieldError(
+                    f"stages.{i}.attack.eps", "0 with attack.steps > 0; set steps=0 for standard training, or eps > 0"
+                )
 
     @property
     def total_samples(self) -> int:
@@ -245,14 +262,34 @@ def preset(name: str) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------ presets
 
 
-def two_stage(*, coarse_samples: int, fine_samples: int, coarse_size: int, fine_size: int,
-              warmup: int = 0, reducer: Reducer = "resize", keep_ratio: float = 1.0) -> tuple[Stage, ...]:
+def two_stage(
+    *,
+    coarse_samples: int,
+    fine_samples: int,
+    coarse_size: int,
+    fine_size: int,
+    warmup: int = 0,
+    reducer: Reducer = "resize",
+    keep_ratio: float = 1.0,
+) -> tuple[Stage, ...]:
     """AdvXL's coarse-to-fine schedule: PGD-1 on reduced inputs, then PGD-3 at full size (step 4/255)."""
     return (
-        Stage(name="coarse", samples=coarse_samples, img_size=coarse_size, reducer=reducer, keep_ratio=keep_ratio,
-              attack=Attack(steps=1, step_size=4 / 255), warmup_samples=warmup),
-        Stage(name="fine", samples=fine_samples, img_size=fine_size, attack=Attack(steps=3, step_size=4 / 255),
-              warmup_samples=min(warmup, fine_samples) // 4),
+        Stage(
+            name="coarse",
+            samples=coarse_samples,
+            img_size=coarse_size,
+            reducer=reducer,
+            keep_ratio=keep_ratio,
+            attack=Attack(steps=1, step_size=4 / 255),
+            warmup_samples=warmup,
+        ),
+        Stage(
+            name="fine",
+            samples=fine_samples,
+            img_size=fine_size,
+            attack=Attack(steps=3, step_size=4 / 255),
+            warmup_samples=min(warmup, fine_samples) // 4,
+        ),
     )
 
 
@@ -266,23 +303,56 @@ def embedded() -> TrainConfig:
     """
     eps = 0.1
     return TrainConfig(
-        model=Model(name="vit_tiny_patch16_224", num_classes=10, drop_path=0.0,
-                    kwargs=dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, img_size=32,
-                                global_pool="avg", class_token=False),
-                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        model=Model(
+            name="vit_tiny_patch16_224",
+            num_classes=10,
+            drop_path=0.0,
+            kwargs=dict(
+                patch_size=4,
+                embed_dim=64,
+                depth=4,
+                num_heads=4,
+                mlp_ratio=2.0,
+                img_size=32,
+                global_pool="avg",
+                class_token=False,
+            ),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
         optim=Optim(lr=3e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
-        augment=Augment(randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(0.7, 1.0),
-                        hflip=False),
+        augment=Augment(
+            randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(0.7, 1.0), hflip=False
+        ),
         data=Data(kind="digits", crop_pct=1.0, batch_size=64, num_workers=0),
         stages=(
-            Stage(name="coarse", samples=36_000, img_size=16, reducer="resize",
-                  attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=2_000, eps_warmup_samples=12_000),
-            Stage(name="fine", samples=6_400, img_size=32, lr=1e-3,
-                  attack=Attack(eps=eps, step_size=eps / 2, steps=3), warmup_samples=500),
+            Stage(
+                name="coarse",
+                samples=36_000,
+                img_size=16,
+                reducer="resize",
+                attack=Attack(eps=eps, step_size=eps, steps=1),
+                warmup_samples=2_000,
+                eps_warmup_samples=12_000,
+            ),
+            Stage(
+                name="fine",
+                samples=6_400,
+                img_size=32,
+                lr=1e-3,
+                attack=Attack(eps=eps, step_size=eps / 2, steps=3),
+                warmup_samples=500,
+            ),
         ),
         eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=eps / 8),
-        run=Run(out_dir="runs/advxl-embedded", precision="fp32", checkpoint_every=10_000, log_every=50,
-                compare_standard=True, threads=1),
+        run=Run(
+            out_dir="runs/advxl-embedded",
+            precision="fp32",
+            checkpoint_every=10_000,
+            log_every=50,
+            compare_standard=True,
+            threads=1,
+        ),
     )
 
 
@@ -292,8 +362,9 @@ def imagenette224(path: str = "../shared/datasets/imagenette224") -> TrainConfig
         model=Model(name="vit_small_patch16_224", num_classes=10, drop_path=0.1),
         optim=Optim(lr=1e-3, weight_decay=0.05, ema_decay=None),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
-        data=Data(kind="wds", path=path, train_split="train", val_split="val", batch_size=128, num_workers=8,
-                  in_memory=True),
+        data=Data(
+            kind="wds", path=path, train_split="train", val_split="val", batch_size=128, num_workers=8, in_memory=True
+        ),
         stages=two_stage(coarse_samples=240_000, fine_samples=36_000, coarse_size=112, fine_size=224, warmup=15_000),
         run=Run(out_dir="runs/advxl-imagenette", checkpoint_every=60_000),
     )
@@ -303,16 +374,35 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
     """ViT-Ti/4 on CIFAR-10 shards at 32 px, 16 px PGD-1 then 32 px PGD-3, eps 8/255 (CIFAR convention)."""
     eps = 8 / 255
     return TrainConfig(
-        model=Model(name="vit_tiny_patch16_224", num_classes=10, drop_path=0.1,
-                    kwargs=dict(patch_size=4, img_size=32), mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2471, 0.2435, 0.2616)),
+        model=Model(
+            name="vit_tiny_patch16_224",
+            num_classes=10,
+            drop_path=0.1,
+            kwargs=dict(patch_size=4, img_size=32),
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2471, 0.2435, 0.2616),
+        ),
         optim=Optim(lr=1e-3, weight_decay=0.05),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, crop_scale=(0.6, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", crop_pct=1.0, batch_size=256,
-                  num_workers=8, in_memory=True),
+        data=Data(
+            kind="wds",
+            path=path,
+            train_split="train",
+            val_split="test",
+            crop_pct=1.0,
+            batch_size=256,
+            num_workers=8,
+            in_memory=True,
+        ),
         stages=(
-            Stage(name="coarse", samples=2_000_000, img_size=16, reducer="resize",
-                  attack=Attack(eps=eps, step_size=eps, steps=1), warmup_samples=100_000),
+            Stage(
+                name="coarse",
+                samples=2_000_000,
+                img_size=16,
+                reducer="resize",
+                attack=Attack(eps=eps, step_size=eps, steps=1),
+                warmup_samples=100_000,
+            ),
             Stage(name="fine", samples=500_000, img_size=32, attack=Attack(eps=eps, step_size=eps / 2, steps=3)),
         ),
         eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=2 / 255),
@@ -327,8 +417,9 @@ def imagenet_vit_b16(path: str = "/datasets/imagenet") -> TrainConfig:
         optim=Optim(lr=8e-4, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
         augment=Augment(),
         data=Data(kind="folder", path=path, batch_size=4096, num_workers=10, val_samples=None),
-        stages=two_stage(coarse_samples=256_000_000, fine_samples=38_400_000, coarse_size=112, fine_size=224,
-                         warmup=20 * 1_281_167),
+        stages=two_stage(
+            coarse_samples=256_000_000, fine_samples=38_400_000, coarse_size=112, fine_size=224, warmup=20 * 1_281_167
+        ),
         eval=Eval(autoattack_samples=5000),
         run=Run(out_dir="runs/advxl-imagenet-vit-b16", checkpoint_every=5_000_000),
     )
@@ -337,8 +428,11 @@ def imagenet_vit_b16(path: str = "/datasets/imagenet") -> TrainConfig:
 def imagenet_vit_l16(path: str = "/datasets/imagenet") -> TrainConfig:
     """The paper's ImageNet-1K ViT-L/16 row (Table 2): the ViT-B/16 schedule with a larger model."""
     base = imagenet_vit_b16(path)
-    return dataclasses.replace(base, model=Model(name="vit_large_patch16_224", num_classes=1000, drop_path=0.2),
-                               run=dataclasses.replace(base.run, out_dir="runs/advxl-imagenet-vit-l16"))
+    return dataclasses.replace(
+        base,
+        model=Model(name="vit_large_patch16_224", num_classes=1000, drop_path=0.2),
+        run=dataclasses.replace(base.run, out_dir="runs/advxl-imagenet-vit-l16"),
+    )
 
 
 def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
@@ -354,16 +448,24 @@ def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
         optim=Optim(lr=1e-3, weight_decay=0.05, clip_grad=1.0, ema_decay=0.9999),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, label_smoothing=0.1),
         data=Data(kind="folder", path=path, batch_size=1024, num_workers=10),
-        stages=(Stage(name="apgd2", samples=300 * epoch, img_size=224,
-                      attack=Attack(kind="apgd", eps=4 / 255, steps=2), warmup_samples=20 * epoch),),
+        stages=(
+            Stage(
+                name="apgd2",
+                samples=300 * epoch,
+                img_size=224,
+                attack=Attack(kind="apgd", eps=4 / 255, steps=2),
+                warmup_samples=20 * epoch,
+            ),
+        ),
         eval=Eval(autoattack_samples=5000, resolutions=(224, 288, 320, 384)),
         run=Run(out_dir="runs/singh-vit-s-convstem", checkpoint_every=5_000_000),
     )
 
 
-PRESETS = {f.__name__: f for f in (embedded, imagenette224, cifar10, imagenet_vit_b16, imagenet_vit_l16,
-                                   imagenet_vit_s_convstem)}
-
+PRESETS = {
+    f.__name__: f
+    for f in (embedded, imagenette224, cifar10, imagenet_vit_b16, imagenet_vit_l16, imagenet_vit_s_convstem)
+}
 
 
 def patch_size(cfg: TrainConfig) -> int | None:

@@ -28,8 +28,14 @@ from recipes.advxl.config import PRESETS, TrainConfig, preset
 
 def parse(argv: list[str] | None = None):
     """``(cfg, args)`` from the command line (see the module docstring)."""
-    return cli.parse(argv, prog="python -m recipes.advxl.launch", doc=__doc__, presets=PRESETS, preset=preset,
-                     example="optim.lr=5e-4")
+    return cli.parse(
+        argv,
+        prog="python -m recipes.advxl.launch",
+        doc=__doc__,
+        presets=PRESETS,
+        preset=preset,
+        example="optim.lr=5e-4",
+    )
 
 
 def standard_twin(cfg: TrainConfig) -> TrainConfig:
@@ -57,8 +63,10 @@ def comparison_table(adv: dict, std: dict, cfg: TrainConfig) -> str:
         f"| AdvXL two-stage (adversarial) | {100 * a['clean']:.2f} | {100 * a[key]:.2f} | {adv['seconds']:.0f} |",
         f"| same model, standard training | {100 * s['clean']:.2f} | {100 * s[key]:.2f} | {std['seconds']:.0f} |",
     ]
-    return "\n".join(lines) + f"\n\nPGD-{cfg.eval.pgd_steps}: eps {cfg.eval.eps:.4f}, step {cfg.eval.pgd_step_size:.4f}, " \
-                              f"{a['n']} validation images\n"
+    return (
+        "\n".join(lines) + f"\n\nPGD-{cfg.eval.pgd_steps}: eps {cfg.eval.eps:.4f}, step {cfg.eval.pgd_step_size:.4f}, "
+        f"{a['n']} validation images\n"
+    )
 
 
 def run_local(cfg: TrainConfig) -> dict:

@@ -18,7 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn

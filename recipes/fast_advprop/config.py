@@ -32,15 +32,36 @@ DataKind = Literal["digits", "folder", "wds"]
 # ImageNet-C's 15 corruption types (Hendrycks & Dietterich, arXiv 1903.12261), as the imagecorruptions library
 # names them; its 4 extra "validation" corruptions (speckle_noise, gaussian_blur, spatter, saturate) may be listed too.
 COMMON_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 # Cheap on CPU: no glass_blur (a per-pixel shuffle loop), zoom_blur (up to 30 zooms) or elastic_transform.
 CHEAP_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "pixelate",
+    "jpeg_compression",
 )
 
 
@@ -145,8 +166,12 @@ class Eval:
         if self.pgd_steps:
             v.eps_for_norm(self.pgd_step_size, norm="linf", key="pgd_step_size")
             v.check(self.eps > 0, key="eps", value=self.eps, allowed="> 0 when eval.pgd_steps > 0")
-        v.check(self.corruption_samples is None or self.corruption_samples >= 1, key="corruption_samples",
-                value=self.corruption_samples, allowed="null (all) or an int >= 1")
+        v.check(
+            self.corruption_samples is None or self.corruption_samples >= 1,
+            key="corruption_samples",
+            value=self.corruption_samples,
+            allowed="null (all) or an int >= 1",
+        )
         if len(set(self.corruptions)) != len(self.corruptions):
             raise v.FieldError("corruptions", f"{list(self.corruptions)} lists a corruption twice")
 
@@ -281,16 +306,34 @@ def embedded() -> TrainConfig:
     eps = 2 / 255
     return TrainConfig(
         method="fast_advprop",
-        model=Model(name="resnet10t", num_classes=10, kwargs=dict(channels=[16, 32, 64, 128], stem_width=16),
-                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        model=Model(
+            name="resnet10t",
+            num_classes=10,
+            kwargs=dict(channels=[16, 32, 64, 128], stem_width=16),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
         adv=Adv(p_adv=0.2, eps=eps, step_size=eps, steps=1, advprop_steps=5, beta=0.5, bn_groups=2),
         optim=Optim(lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=28, milestones=(8, 16, 24, 26), gamma=0.1),
         augment=Augment(crop_scale=(0.7, 1.0), hflip=False),
         data=Data(kind="digits", img_size=32, crop_pct=1.0, batch_size=80, num_workers=0),
-        eval=Eval(eps=8 / 255, pgd_steps=10, pgd_step_size=2 / 255, corruptions=CHEAP_CORRUPTIONS,
-                  severities=(1, 2, 3, 4, 5), corruption_samples=150, evals=2),
-        run=Run(out_dir="runs/fast_advprop-embedded", precision="fp32", checkpoint_every=20_000, log_every=10,
-                compare=True, threads=1),
+        eval=Eval(
+            eps=8 / 255,
+            pgd_steps=10,
+            pgd_step_size=2 / 255,
+            corruptions=CHEAP_CORRUPTIONS,
+            severities=(1, 2, 3, 4, 5),
+            corruption_samples=150,
+            evals=2,
+        ),
+        run=Run(
+            out_dir="runs/fast_advprop-embedded",
+            precision="fp32",
+            checkpoint_every=20_000,
+            log_every=10,
+            compare=True,
+            threads=1,
+        ),
     )
 
 
@@ -304,8 +347,16 @@ def imagenette224(path: str = "../shared/datasets/imagenette224") -> TrainConfig
         model=Model(name="resnet50", num_classes=10),
         adv=Adv(p_adv=0.2, bn_groups=2),
         optim=Optim(lr=0.05),
-        data=Data(kind="wds", path=path, train_split="train", val_split="val", img_size=224, batch_size=160,
-                  num_workers=8, in_memory=True),
+        data=Data(
+            kind="wds",
+            path=path,
+            train_split="train",
+            val_split="val",
+            img_size=224,
+            batch_size=160,
+            num_workers=8,
+            in_memory=True,
+        ),
         eval=Eval(corruption_samples=500),
         run=Run(out_dir="runs/fast_advprop-imagenette", checkpoint_every=100_000),
     )
@@ -318,13 +369,27 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
     The corruptions are ImageNet-C's severities applied at 32 px (CIFAR-10-C tuned its own constants).
     """
     return TrainConfig(
-        model=Model(name="resnet18", num_classes=10, cifar_stem=True, mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2471, 0.2435, 0.2616)),
+        model=Model(
+            name="resnet18",
+            num_classes=10,
+            cifar_stem=True,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2471, 0.2435, 0.2616),
+        ),
         adv=Adv(p_adv=0.2, bn_groups=2),
         optim=Optim(lr=0.1, weight_decay=5e-4),
         augment=Augment(crop_scale=(0.35, 1.0)),
-        data=Data(kind="wds", path=path, train_split="train", val_split="test", img_size=32, crop_pct=1.0,
-                  batch_size=160, num_workers=8, in_memory=True),
+        data=Data(
+            kind="wds",
+            path=path,
+            train_split="train",
+            val_split="test",
+            img_size=32,
+            crop_pct=1.0,
+            batch_size=160,
+            num_workers=8,
+            in_memory=True,
+        ),
         eval=Eval(corruption_samples=2000),
         run=Run(out_dir="runs/fast_advprop-cifar10", checkpoint_every=1_000_000),
     )
@@ -350,7 +415,6 @@ def imagenet_resnet50(path: str = "/datasets/imagenet") -> TrainConfig:
 
 
 PRESETS = {f.__name__: f for f in (embedded, imagenette224, cifar10, imagenet_resnet50)}
-
 
 
 def check_consistency(cfg: TrainConfig, world: int = 1) -> None:

@@ -29,8 +29,14 @@ from recipes.fast_advprop.config import PRESETS, TrainConfig, cost_per_epoch, pr
 
 def parse(argv: list[str] | None = None):
     """``(cfg, args)`` from the command line (see the module docstring)."""
-    return cli.parse(argv, prog="python -m recipes.fast_advprop.launch", doc=__doc__, presets=PRESETS, preset=preset,
-                     example="optim.lr=0.05 method=vanilla")
+    return cli.parse(
+        argv,
+        prog="python -m recipes.fast_advprop.launch",
+        doc=__doc__,
+        presets=PRESETS,
+        preset=preset,
+        example="optim.lr=0.05 method=vanilla",
+    )
 
 
 def baselines(cfg: TrainConfig) -> dict[str, TrainConfig]:
@@ -41,10 +47,17 @@ def baselines(cfg: TrainConfig) -> dict[str, TrainConfig]:
     """
     clean = split_counts(cfg, cfg.data.batch_size)[0] if cfg.method == "fast_advprop" else cfg.data.batch_size
     out = {}
-    for label, method, steps in (("fast_advprop", "fast_advprop", None), ("vanilla", "vanilla", None),
-                                 ("advprop_pgd5", "advprop", 5), ("advprop_pgd1", "advprop", 1)):
-        c = dataclasses.replace(cfg, method=method, run=dataclasses.replace(
-            cfg.run, out_dir=str(Path(cfg.run.out_dir) / label), compare=False))
+    for label, method, steps in (
+        ("fast_advprop", "fast_advprop", None),
+        ("vanilla", "vanilla", None),
+        ("advprop_pgd5", "advprop", 5),
+        ("advprop_pgd1", "advprop", 1),
+    ):
+        c = dataclasses.replace(
+            cfg,
+            method=method,
+            run=dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run.out_dir) / label), compare=False),
+        )
         if method != "fast_advprop":
             c = dataclasses.replace(c, data=dataclasses.replace(cfg.data, batch_size=clean))
         if steps is not None:
@@ -56,11 +69,17 @@ def baselines(cfg: TrainConfig) -> dict[str, TrainConfig]:
 def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> str:
     any_cfg = next(iter(cfgs.values()))
     key = f"pgd{any_cfg.eval.pgd_steps}"
-    lines = [f"| method | images / step (clean + attacked) | epochs | cost / epoch | clean top-1 (%) | "
-             f"PGD-{any_cfg.eval.pgd_steps} top-1 (%) | corruption error (%) | train time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    names = {"fast_advprop": "Fast AdvProp", "vanilla": "vanilla", "advprop_pgd5": "AdvProp PGD-5",
-             "advprop_pgd1": "AdvProp PGD-1"}
+    lines = [
+        f"| method | images / step (clean + attacked) | epochs | cost / epoch | clean top-1 (%) | "
+        f"PGD-{any_cfg.eval.pgd_steps} top-1 (%) | corruption error (%) | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "fast_advprop": "Fast AdvProp",
+        "vanilla": "vanilla",
+        "advprop_pgd5": "AdvProp PGD-5",
+        "advprop_pgd1": "AdvProp PGD-1",
+    }
     for label, r in results.items():
         c, e = cfgs[label], r["evals"][-1]
         n_clean, n_adv = split_counts(c, c.data.batch_size)
@@ -69,14 +88,20 @@ def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> 
         name = names.get(label, label)
         if c.method == "fast_advprop":
             name += f" (p_adv {c.adv.p_adv:g}, PGD-{c.adv.steps})"
-        lines.append(f"| {name} | {n_clean} + {n_adv} | {run_epochs(c):.2f} | {cost_per_epoch(c):g}x | "
-                     f"{100 * e['clean']:.2f} | {pg} | {ce} | {r['train_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {n_clean} + {n_adv} | {run_epochs(c):.2f} | {cost_per_epoch(c):g}x | "
+            f"{100 * e['clean']:.2f} | {pg} | {ce} | {r['train_seconds']:.0f} |"
+        )
     e, c = next(iter(results.values()))["evals"][-1], any_cfg
-    note = (f"\nBudget: {c.optim.epochs:g} vanilla epochs each (epochs x cost / epoch). PGD-{c.eval.pgd_steps}: "
-            f"l_inf eps {255 * c.eval.eps:g}/255, step {255 * c.eval.pgd_step_size:g}/255, {e['n']} images. ")
+    note = (
+        f"\nBudget: {c.optim.epochs:g} vanilla epochs each (epochs x cost / epoch). PGD-{c.eval.pgd_steps}: "
+        f"l_inf eps {255 * c.eval.eps:g}/255, step {255 * c.eval.pgd_step_size:g}/255, {e['n']} images. "
+    )
     if "corruption_n" in e:
-        note += (f"Corruption error: mean top-1 error over {len(c.eval.corruptions)} corruptions x "
-                 f"{len(c.eval.severities)} severities on {e['corruption_n']} images.")
+        note += (
+            f"Corruption error: mean top-1 error over {len(c.eval.corruptions)} corruptions x "
+            f"{len(c.eval.severities)} severities on {e['corruption_n']} images."
+        )
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -100,8 +125,9 @@ def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
     """
     from recipes.fast_advprop.train import validate
 
-    return cli.check_runs(list(baselines(cfg).values()) if cfg.run.compare else [cfg], world, validate=validate,
-                          files=files)
+    return cli.check_runs(
+        list(baselines(cfg).values()) if cfg.run.compare else [cfg], world, validate=validate, files=files
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,8 +48,9 @@ def _identity(z):
     random_start=st.booleans(),
     sparsity=st.floats(0.01, 1.0),
 )
-def test_no_output_leaves_the_ball_or_the_box(norm, seed, dtype, shape, eps_frac, per_sample, pin, steps, targeted,
-                                              random_start, sparsity):
+def test_no_output_leaves_the_ball_or_the_box(
+    norm, seed, dtype, shape, eps_frac, per_sample, pin, steps, targeted, random_start, sparsity
+):
     g = torch.Generator().manual_seed(seed)
     n = int(np.prod(shape[1:]))
     x = torch.rand(shape, generator=g)
@@ -58,8 +59,18 @@ def test_no_output_leaves_the_ball_or_the_box(norm, seed, dtype, shape, eps_frac
     y = torch.randint(0, 3, (shape[0],), generator=g)
     scale = _eps_norm_scale(norm, n)
     eps = torch.rand(shape[0], generator=g, dtype=torch.float64) * eps_frac * scale if per_sample else eps_frac * scale
-    out = apgd(Mlp(n, seed=seed % 7), x, y, eps=eps, steps=steps, norm=norm, targeted=targeted,
-               random_start=random_start, l1_sparsity=sparsity, generator=torch.Generator().manual_seed(seed))
+    out = apgd(
+        Mlp(n, seed=seed % 7),
+        x,
+        y,
+        eps=eps,
+        steps=steps,
+        norm=norm,
+        targeted=targeted,
+        random_start=random_start,
+        l1_sparsity=sparsity,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert out.shape == x.shape and out.dtype == x.dtype and not out.requires_grad
     d = (out.double() - x.double()).flatten(1)
     e = eps if isinstance(eps, torch.Tensor) else torch.full((shape[0],), float(eps), dtype=torch.float64)
@@ -92,8 +103,7 @@ def test_same_generator_gives_the_same_output_and_inputs_are_not_mutated(norm):
     x, y = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4)
     x0, y0 = x.clone(), y.clone()
     eps = {"linf": 0.1, "l2": 0.5, "l1": 3.0}[norm]
-    runs = [apgd(model, x, y, eps=eps, steps=5, norm=norm, generator=torch.Generator().manual_seed(s))
-            for s in (7, 7)]
+    runs = [apgd(model, x, y, eps=eps, steps=5, norm=norm, generator=torch.Generator().manual_seed(s)) for s in (7, 7)]
     other = apgd(model, x, y, eps=eps, steps=5, norm=norm, generator=torch.Generator().manual_seed(8))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], other)
@@ -212,14 +222,20 @@ def _naive_apgd(f, x, eps, steps, norm, *, rho=0.75, alpha=0.75, sparsity=0.2):
         v, g = value_and_grad(xs[0])
         fs, gs, fmax, best = [v], [g], [v], 0  # fmax[i]: the best loss among x_0 .. x_i
         eta, halved = [2 * float(e)] if norm != "l1" else [float(e)], {0: False}
-        checks = _paper_checkpoints(steps) if norm != "l1" else list(range(max(int(0.04 * steps), 1), steps,
-                                                                            max(int(0.04 * steps), 1)))
+        checks = (
+            _paper_checkpoints(steps)
+            if norm != "l1"
+            else list(range(max(int(0.04 * steps), 1), steps, max(int(0.04 * steps), 1)))
+        )
         frac, nnz_old = sparsity, x.shape[1]
         for k in range(steps):
             d, g = xs[k], gs[k]
             if norm == "l1":
-                free = [i for i in range(d.shape[1]) if not ((d[0, i] <= lo[0, i] and g[0, i] < 0)
-                                                              or (d[0, i] >= hi[0, i] and g[0, i] > 0))]
+                free = [
+                    i
+                    for i in range(d.shape[1])
+                    if not ((d[0, i] <= lo[0, i] and g[0, i] < 0) or (d[0, i] >= hi[0, i] and g[0, i] > 0))
+                ]
                 top = sorted(free, key=lambda i: -abs(float(g[0, i])))[: max(math.floor(frac * d.shape[1]), 1)]
                 top = [i for i in top if g[0, i] != 0]
                 step = torch.zeros_like(d)
@@ -262,7 +278,7 @@ class Wavy(nn.Module):
     def __init__(self, n: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.a, self.c, self.v = (torch.randn(3, n, generator=g, dtype=torch.float64) * torch.tensor([[20], [3], [1]]))
+        self.a, self.c, self.v = torch.randn(3, n, generator=g, dtype=torch.float64) * torch.tensor([[20], [3], [1]])
 
     def forward(self, z):
         return (self.v * torch.sin(self.a * z.flatten(1) + self.c)).sum(1)
@@ -293,8 +309,19 @@ def test_two_steps_halve_and_restart_from_the_best_point(norm):
     out = apgd(_identity, x, None, eps=1.0, steps=2, norm=norm, loss_fn=loss, random_start=False, bounds=(-5, 5))
     assert float(out) == 0.75
     # without the restart, step 2 goes back to 1 - 0.75 * 2 + 0.25 * 1 = -0.25 (loss -0.4225): the best stays 0
-    plain = pgd(_identity, x, None, eps=1.0, step_size=2.0, steps=2, norm=norm, loss_fn=loss, random_start=False,
-                bounds=(-5, 5), return_best=True)
+    plain = pgd(
+        _identity,
+        x,
+        None,
+        eps=1.0,
+        step_size=2.0,
+        steps=2,
+        norm=norm,
+        loss_fn=loss,
+        random_start=False,
+        bounds=(-5, 5),
+        return_best=True,
+    )
     assert float(plain) == 0.0
 
 
@@ -315,8 +342,18 @@ def test_a_stalled_best_loss_halves_the_step_even_when_most_steps_go_up(norm):
         return values[t] + 1e-6 * slopes[t] * out[:, 0]
 
     x = torch.zeros(1, 1, dtype=torch.float64)
-    out = apgd(_identity, x, None, eps=1.0, steps=20, norm=norm, loss_fn=scripted, momentum=1.0, random_start=False,
-               bounds=(-5, 5))
+    out = apgd(
+        _identity,
+        x,
+        None,
+        eps=1.0,
+        steps=20,
+        norm=norm,
+        loss_fn=scripted,
+        momentum=1.0,
+        random_start=False,
+        bounds=(-5, 5),
+    )
     assert float(out) == 1.0
     assert len(calls) == 21  # one call per iterate: 20 with a gradient, the last without
 
@@ -332,8 +369,18 @@ def test_the_step_size_halves_onto_an_interior_maximum(norm, seed):
     c = x + (torch.rand(2, 8, generator=g, dtype=torch.float64) * 2 - 1) * 0.2 * eps  # well inside the ball
     out = apgd(_identity, x, None, eps=eps, steps=100, norm=norm, loss_fn=_concave(c), random_start=False)
     assert (out - c).abs().max() < {"linf": 0.03, "l2": 0.005}[norm] * eps
-    fixed = pgd(_identity, x, None, eps=eps, step_size=2 * eps, steps=100, norm=norm, loss_fn=_concave(c),
-                random_start=False, return_best=True)
+    fixed = pgd(
+        _identity,
+        x,
+        None,
+        eps=eps,
+        step_size=2 * eps,
+        steps=100,
+        norm=norm,
+        loss_fn=_concave(c),
+        random_start=False,
+        return_best=True,
+    )
     assert (fixed - c).abs().max() > 0.1 * eps
 
 
@@ -350,8 +397,16 @@ def _linear_gap(norm: str, active_box: bool, seed: int) -> float:
     else:
         x = torch.full((1, n), 0.5, dtype=torch.float64)
         eps = eps / 4 if norm != "l1" else 0.4  # the box never binds
-    out = apgd(Linear(w), x, None, eps=eps, steps=100, norm=norm, loss_fn=identity_loss,
-               generator=torch.Generator().manual_seed(seed))
+    out = apgd(
+        Linear(w),
+        x,
+        None,
+        eps=eps,
+        steps=100,
+        norm=norm,
+        loss_fn=identity_loss,
+        generator=torch.Generator().manual_seed(seed),
+    )
     ref = linear_optimum(w.numpy(), x[0].numpy(), eps, norm, 0.0, 1.0)
     value, best_value = float(w @ (out - x)[0]), float(w.numpy() @ ref)
     return (best_value - value) / abs(best_value)
@@ -371,8 +426,10 @@ def test_l1_apgd_comes_close_to_the_linear_optimum_on_most_problems(active_box):
     # tail: over 1,200 random seeds with the box active the relative gap was median 0.07%, p95 1.6%, p99 5.0%,
     # worst 20.4% (measured 2026-11-24). So the claim is about the distribution over a fixed set of problems.
     gaps = np.array([_linear_gap("l1", active_box, seed) for seed in range(100)])
-    print(f"\nl1-APGD gap to the linear optimum (box {'active' if active_box else 'inactive'}, 100 seeds): "
-          f"median {np.median(gaps):.5f}, p95 {np.quantile(gaps, 0.95):.4f}, max {gaps.max():.4f}")
+    print(
+        f"\nl1-APGD gap to the linear optimum (box {'active' if active_box else 'inactive'}, 100 seeds): "
+        f"median {np.median(gaps):.5f}, p95 {np.quantile(gaps, 0.95):.4f}, max {gaps.max():.4f}"
+    )
     assert (gaps >= -1e-9).all()  # never above the optimum: the closed form is right and the output feasible
     assert np.median(gaps) <= 0.005 and np.quantile(gaps, 0.95) <= 0.03
 
@@ -457,8 +514,10 @@ def test_apgd_ce_is_no_weaker_than_autoattacks(shared_datasets):
             return attack.perturb(xb, yb)
 
         r = evaluate(model, loader, attacks={"advtrain": ours, "autoattack": reference}, progress=False)
-        lines.append(f"MNIST {x.shape[0]}, {norm} eps {eps}, APGD-CE {steps} steps, 1 restart: clean {r.clean:.3f}, "
-                     f"advtrain {r.robust['advtrain']:.3f}, pyautoattack {r.robust['autoattack']:.3f}")
+        lines.append(
+            f"MNIST {x.shape[0]}, {norm} eps {eps}, APGD-CE {steps} steps, 1 restart: clean {r.clean:.3f}, "
+            f"advtrain {r.robust['advtrain']:.3f}, pyautoattack {r.robust['autoattack']:.3f}"
+        )
         assert r.clean > 0.95  # the model is trained: the comparison means something
         assert r.robust["advtrain"] < r.clean - 0.2  # and the attack bites
         assert r.robust["advtrain"] <= r.robust["autoattack"] + 0.01

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -20,14 +18,32 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _pgd(model, x, y, *, eps, norm, generator=None, **kw):
-    return pgd(model, x, y, eps=eps, step_size=kw.pop("step_size", 0.3), steps=kw.pop("steps", 3), norm=norm,
-               generator=generator, **kw)
+    return pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=kw.pop("step_size", 0.3),
+        steps=kw.pop("steps", 3),
+        norm=norm,
+        generator=generator,
+        **kw,
+    )
 
 
 def _fgsm(model, x, y, *, eps, norm, generator=None, **kw):
     kw.pop("steps", None)
-    return fgsm(model, x, y, eps=eps, norm=norm, generator=generator, random_start=True,
-                step_size=kw.pop("step_size", 0.3), **kw)
+    return fgsm(
+        model,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        generator=generator,
+        random_start=True,
+        step_size=kw.pop("step_size", 0.3),
+        **kw,
+    )
 
 
 ATTACKS = {"pgd": _pgd, "fgsm": _fgsm}
@@ -75,8 +91,17 @@ def test_no_output_leaves_the_ball_or_the_box(attack, norm, seed, dtype, shape, 
     scale = _eps_norm_scale(norm, n)
     eps = torch.rand(shape[0], generator=g, dtype=torch.float64) * eps_frac * scale if per_sample else eps_frac * scale
     kw = {"return_best": best} if attack == "pgd" else {}
-    out = ATTACKS[attack](Mlp(n, seed=seed % 7), x, y, eps=eps, norm=norm, step_size=0.5 * scale * 0.3 + 1e-3,
-                          generator=torch.Generator().manual_seed(seed), l1_sparsity=0.2, **kw)
+    out = ATTACKS[attack](
+        Mlp(n, seed=seed % 7),
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        step_size=0.5 * scale * 0.3 + 1e-3,
+        generator=torch.Generator().manual_seed(seed),
+        l1_sparsity=0.2,
+        **kw,
+    )
     assert out.shape == x.shape and out.dtype == x.dtype and not out.requires_grad
     d = (out.double() - x.double()).flatten(1)
     e = eps if isinstance(eps, torch.Tensor) else torch.full((shape[0],), float(eps), dtype=torch.float64)
@@ -103,8 +128,19 @@ def test_reaches_the_closed_form_optimum_on_a_linear_model(norm, active_box, see
     step = eps / 4
     model = Linear(w)
     # l1: one coordinate per step (the top-1 step reaches the knapsack optimum; wider steps spread mass)
-    out = pgd(model, x, None, eps=eps, step_size=step, steps=200, norm=norm, loss_fn=identity_loss,
-              random_start=False, return_best=True, l1_sparsity=1e-9)
+    out = pgd(
+        model,
+        x,
+        None,
+        eps=eps,
+        step_size=step,
+        steps=200,
+        norm=norm,
+        loss_fn=identity_loss,
+        random_start=False,
+        return_best=True,
+        l1_sparsity=1e-9,
+    )
     d = (out - x)[0].numpy()
     ref = linear_optimum(w.numpy(), x[0].numpy(), eps, norm, 0.0, 1.0)
     value, best_value = float(w.numpy() @ d), float(w.numpy() @ ref)
@@ -134,8 +170,9 @@ def test_model_is_left_untouched(attack, norm):
         p.grad = torch.full_like(p, 0.123)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 4
-    ATTACKS[attack](model, x, y, eps=0.1 if norm == "linf" else 1.0, norm=norm,
-                    generator=torch.Generator().manual_seed(1))
+    ATTACKS[attack](
+        model, x, y, eps=0.1 if norm == "linf" else 1.0, norm=norm, generator=torch.Generator().manual_seed(1)
+    )
     assert model.training and not model[0].training and model[1].training
     after = model.state_dict()
     for k, v in before.items():
@@ -149,8 +186,10 @@ def test_same_generator_gives_the_same_output_and_inputs_are_not_mutated(norm):
     model = tiny_cnn().eval()
     x, y = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4)
     x0 = x.clone()
-    runs = [pgd(model, x, y, eps=0.5, step_size=0.1, steps=3, norm=norm, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [
+        pgd(model, x, y, eps=0.5, step_size=0.1, steps=3, norm=norm, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     other = pgd(model, x, y, eps=0.5, step_size=0.1, steps=3, norm=norm, generator=torch.Generator().manual_seed(8))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], other)
@@ -194,7 +233,9 @@ def test_soft_targets_and_a_custom_loss():
     b = pgd(model, x, soft, eps=0.03, step_size=0.01, steps=3, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(a, b)
     margin = lambda out, y: -out.gather(1, y[:, None]).squeeze(1)  # noqa: E731
-    c = pgd(model, x, hard, eps=0.03, step_size=0.01, steps=3, loss_fn=margin, generator=torch.Generator().manual_seed(1))
+    c = pgd(
+        model, x, hard, eps=0.03, step_size=0.01, steps=3, loss_fn=margin, generator=torch.Generator().manual_seed(1)
+    )
     assert c.shape == x.shape
 
 
@@ -245,29 +286,27 @@ def test_per_sample_eps_matches_separate_calls():
 GOOD = dict(eps=0.1, step_size=0.01, steps=2)
 
 
-BAD_INPUTS = (
-    [
-        (lambda x, y, kw: (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y, kw), ValueError, "NaN"),
-        (lambda x, y, kw: (x.clone().index_fill_(0, torch.tensor([0]), float("inf")), y, kw), ValueError, "NaN or inf"),
-        (lambda x, y, kw: (x + 1.5, y, kw), ValueError, "inside bounds"),
-        (lambda x, y, kw: (x - 0.5, y, kw), ValueError, "inside bounds"),
-        (lambda x, y, kw: (x, y, {**kw, "eps": -0.1}), ValueError, "eps"),
-        (lambda x, y, kw: (x, y, {**kw, "eps": float("nan")}), ValueError, "eps"),
-        (lambda x, y, kw: (x, y, {**kw, "step_size": 0.0}), ValueError, "step_size"),
-        (lambda x, y, kw: (x, y, {**kw, "step_size": -1.0}), ValueError, "step_size"),
-        (lambda x, y, kw: (x, y, {**kw, "steps": -1}), ValueError, "steps"),
-        (lambda x, y, kw: (x, y, {**kw, "steps": 2.5}), TypeError, "steps"),
-        (lambda x, y, kw: (x, y, {**kw, "norm": "l3"}), ValueError, "unknown norm"),
-        (lambda x, y, kw: (x, y[:3], kw), ValueError, "batch size"),
-        (lambda x, y, kw: ((x * 255).to(torch.uint8), y, kw), TypeError, "floating"),
-        (lambda x, y, kw: (x, y, {**kw, "eps": torch.full((3,), 0.1)}), ValueError, "shape"),
-        (lambda x, y, kw: (x, y, {**kw, "eps": torch.full((4, 1), 0.1)}), ValueError, "shape"),
-        (lambda x, y, kw: (x, y, {**kw, "bounds": (1.0, 0.0)}), ValueError, "bounds"),
-        (lambda x, y, kw: (x.flatten(), y, kw), ValueError, "batched"),
-        (lambda x, y, kw: (x.numpy(), y, kw), TypeError, "torch.Tensor"),
-        (lambda x, y, kw: (x, y, {**kw, "l1_sparsity": 0.0}), ValueError, "l1_sparsity"),
-    ]
-)
+BAD_INPUTS = [
+    (lambda x, y, kw: (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y, kw), ValueError, "NaN"),
+    (lambda x, y, kw: (x.clone().index_fill_(0, torch.tensor([0]), float("inf")), y, kw), ValueError, "NaN or inf"),
+    (lambda x, y, kw: (x + 1.5, y, kw), ValueError, "inside bounds"),
+    (lambda x, y, kw: (x - 0.5, y, kw), ValueError, "inside bounds"),
+    (lambda x, y, kw: (x, y, {**kw, "eps": -0.1}), ValueError, "eps"),
+    (lambda x, y, kw: (x, y, {**kw, "eps": float("nan")}), ValueError, "eps"),
+    (lambda x, y, kw: (x, y, {**kw, "step_size": 0.0}), ValueError, "step_size"),
+    (lambda x, y, kw: (x, y, {**kw, "step_size": -1.0}), ValueError, "step_size"),
+    (lambda x, y, kw: (x, y, {**kw, "steps": -1}), ValueError, "steps"),
+    (lambda x, y, kw: (x, y, {**kw, "steps": 2.5}), TypeError, "steps"),
+    (lambda x, y, kw: (x, y, {**kw, "norm": "l3"}), ValueError, "unknown norm"),
+    (lambda x, y, kw: (x, y[:3], kw), ValueError, "batch size"),
+    (lambda x, y, kw: ((x * 255).to(torch.uint8), y, kw), TypeError, "floating"),
+    (lambda x, y, kw: (x, y, {**kw, "eps": torch.full((3,), 0.1)}), ValueError, "shape"),
+    (lambda x, y, kw: (x, y, {**kw, "eps": torch.full((4, 1), 0.1)}), ValueError, "shape"),
+    (lambda x, y, kw: (x, y, {**kw, "bounds": (1.0, 0.0)}), ValueError, "bounds"),
+    (lambda x, y, kw: (x.flatten(), y, kw), ValueError, "batched"),
+    (lambda x, y, kw: (x.numpy(), y, kw), TypeError, "torch.Tensor"),
+    (lambda x, y, kw: (x, y, {**kw, "l1_sparsity": 0.0}), ValueError, "l1_sparsity"),
+]
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,10 @@ def test_pgd20_is_no_weaker_than_torchattacks(shared_datasets):
     ours = functools.partial(pgd, eps=eps, step_size=alpha, steps=20, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     r = evaluate(model, loader, attacks={"advtrain": ours, "torchattacks": reference}, progress=False)
-    print(f"\nMNIST 1k, eps {eps}: clean {r.clean:.3f}, advtrain PGD-20 {r.robust['advtrain']:.3f}, "
-          f"torchattacks PGD-20 {r.robust['torchattacks']:.3f}")
+    print(
+        f"\nMNIST 1k, eps {eps}: clean {r.clean:.3f}, advtrain PGD-20 {r.robust['advtrain']:.3f}, "
+        f"torchattacks PGD-20 {r.robust['torchattacks']:.3f}"
+    )
     assert r.clean > 0.95  # the model is trained: the comparison means something
     assert r.robust["advtrain"] < r.clean - 0.05  # and the attack bites
     assert r.robust["advtrain"] <= r.robust["torchattacks"] + 0.01

@@ -30,14 +30,49 @@ def _run(attack: str, model, x, y, *, eps, norm, steps, option: bool, targeted: 
     scale = _eps_norm_scale(norm, x[0].numel())
     match attack:
         case "pgd":
-            return pgd(model, x, y, eps=eps, step_size=0.15 * scale + 1e-3, steps=steps, norm=norm, return_best=option,
-                       random_start=option, targeted=targeted, l1_sparsity=0.2, generator=g, **kw)
+            return pgd(
+                model,
+                x,
+                y,
+                eps=eps,
+                step_size=0.15 * scale + 1e-3,
+                steps=steps,
+                norm=norm,
+                return_best=option,
+                random_start=option,
+                targeted=targeted,
+                l1_sparsity=0.2,
+                generator=g,
+                **kw,
+            )
         case "fgsm":
-            return fgsm(model, x, y, eps=eps, step_size=0.15 * scale + 1e-3, norm=norm, random_start=option,
-                        targeted=targeted, l1_sparsity=0.2, generator=g, **kw)
+            return fgsm(
+                model,
+                x,
+                y,
+                eps=eps,
+                step_size=0.15 * scale + 1e-3,
+                norm=norm,
+                random_start=option,
+                targeted=targeted,
+                l1_sparsity=0.2,
+                generator=g,
+                **kw,
+            )
         case "apgd":
-            return apgd(model, x, y, eps=eps, steps=steps, norm=norm, random_start=option, targeted=targeted,
-                        l1_sparsity=0.2, generator=g, **kw)
+            return apgd(
+                model,
+                x,
+                y,
+                eps=eps,
+                steps=steps,
+                norm=norm,
+                random_start=option,
+                targeted=targeted,
+                l1_sparsity=0.2,
+                generator=g,
+                **kw,
+            )
     raise ValueError(attack)
 
 
@@ -107,8 +142,9 @@ def _nonfinite_count(caught) -> int:
     targeted=st.booleans(),
 )
 @settings(max_examples=50)
-def test_nan_and_inf_never_leave_the_ball_or_the_box(attack, norm, seed, dtype, shape, eps_frac, p, where, steps,
-                                                     option, targeted):
+def test_nan_and_inf_never_leave_the_ball_or_the_box(
+    attack, norm, seed, dtype, shape, eps_frac, p, where, steps, option, targeted
+):
     g = torch.Generator().manual_seed(seed)
     n = int(np.prod(shape[1:]))
     x = torch.rand(shape, generator=g).to(dtype)
@@ -214,8 +250,9 @@ def _call(attack, model, x, y, **kw):
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
-@pytest.mark.parametrize("output, name", [(lambda z: (z, z), "tuple"), (lambda z: {"logits": z}, "dict"),
-                                          (lambda z: [z], "list")])
+@pytest.mark.parametrize(
+    "output, name", [(lambda z: (z, z), "tuple"), (lambda z: {"logits": z}, "dict"), (lambda z: [z], "list")]
+)
 def test_a_non_tensor_output_is_a_type_error_naming_its_type(attack, output, name):
     lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
@@ -223,7 +260,8 @@ def test_a_non_tensor_output_is_a_type_error_naming_its_type(attack, output, nam
         _call(attack, lambda z: output(lin(z)), x, y)
     # with a loss_fn that reads that output, the same model is fine
     loss_fn = lambda out, t: nn.functional.cross_entropy(  # noqa: E731
-        (out["logits"] if isinstance(out, dict) else out[0]), t, reduction="none")
+        (out["logits"] if isinstance(out, dict) else out[0]), t, reduction="none"
+    )
     assert _call(attack, lambda z: output(lin(z)), x, y, loss_fn=loss_fn).shape == x.shape
 
 
@@ -302,6 +340,14 @@ def test_a_non_finite_scalar_loss_holds_every_sample_back():
     model = Mlp(12)
     x, y = torch.rand(3, 12), torch.arange(3)
     with pytest.warns(NonFiniteWarning, match="3 of 3 samples"):
-        out = pgd(model, x, y, eps=0.1, step_size=0.05, steps=2, random_start=False,
-                  loss_fn=lambda out, t: out.sum() * float("nan"))
+        out = pgd(
+            model,
+            x,
+            y,
+            eps=0.1,
+            step_size=0.05,
+            steps=2,
+            random_start=False,
+            loss_fn=lambda out, t: out.sum() * float("nan"),
+        )
     assert torch.equal(out, x)

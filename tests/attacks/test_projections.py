@@ -26,12 +26,17 @@ def _draw(seed: int, batch: int, n: int, scale: float, lo: float = 0.0, hi: floa
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), n=st.integers(1, 40),
-       eps=st.floats(0.0, 3.0), scale=st.floats(0.01, 4.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 4),
+    n=st.integers(1, 40),
+    eps=st.floats(0.0, 3.0),
+    scale=st.floats(0.01, 4.0),
+)
 def test_projection_is_feasible_idempotent_and_moves_only_outside_points(norm, seed, batch, n, eps, scale):
     x, z = _draw(seed, batch, n, scale)
     p = project(z, x, eps=eps, norm=norm)
-    d = (p - x)
+    d = p - x
     tol = 1e-9 * max(1.0, eps)
     assert (norm_of(d, norm) <= eps + tol).all()
     assert (p >= -1e-12).all() and (p <= 1 + 1e-12).all()

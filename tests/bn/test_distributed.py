@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,8 +23,9 @@ def _all_gather(t: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, init: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))  # fail, never hang
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )  # fail, never hang
     try:
         # row r of rank k holds the value 100 k + r: where every row came from is readable
         x = (rank * 100 + torch.arange(N, dtype=torch.float64))[:, None].repeat(1, 3)
@@ -39,7 +41,7 @@ def _worker(rank: int, init: str) -> None:
         # and back
         assert torch.equal(unshuffle_across_ranks(xs, perm), x)
         labels = torch.arange(N) + 10 * rank
-        assert torch.equal(exchange_rows(labels, perm), _all_gather(labels)[perm[rank * N:(rank + 1) * N]])
+        assert torch.equal(exchange_rows(labels, perm), _all_gather(labels)[perm[rank * N : (rank + 1) * N]])
 
         # twins: this rank's batch is [x; x_adv], rows i and i + N/2 are twins; no rank gets both
         twins = torch.arange(N) % (N // 2)
@@ -51,9 +53,9 @@ def _worker(rank: int, init: str) -> None:
         xg = x.clone().requires_grad_(True)
         ys, p = shuffle_across_ranks(xg, generator=torch.Generator().manual_seed(5))
         out = unshuffle_across_ranks(ys**2 * (rank + 1), p)
-        assert torch.equal(out.detach(), x**2 * (invert_permutation(p)[rank * N:(rank + 1) * N] // N + 1)[:, None])
+        assert torch.equal(out.detach(), x**2 * (invert_permutation(p)[rank * N : (rank + 1) * N] // N + 1)[:, None])
         out.sum().backward()
-        dest = invert_permutation(p)[rank * N:(rank + 1) * N] // N
+        dest = invert_permutation(p)[rank * N : (rank + 1) * N] // N
         torch.testing.assert_close(xg.grad, 2 * x * (dest + 1)[:, None], rtol=0, atol=0)
 
         # a rank with another batch size is refused on every rank (nobody hangs)

@@ -31,7 +31,8 @@ Closer to the paper (2026-12-02, scratch runs, not part of the suite): a 3-layer
 images, 160 a step (128 clean + 32 attacked, BN groups of 16 attacked rows as in the authors' 4-GPU run), PGD-1
 at eps 1/255 from noise, attack in train mode, 3,000 steps: adversarial top-1 stayed 12-19 points below clean
 and 1-3 points below the shuffled run's throughout (steps 2,751-3,000: clean / noisy / adversarial 0.695 / 0.643
-/ 0.509 without shuffle-BN, 0.703 / 0.660 / 0.543 with it). MNIST with FGSM from the clean image at eps 0.2 / 0.3 (groups of 8): adversarial 0.48 / 0.33
+/ 0.509 without shuffle-BN, 0.703 / 0.660 / 0.543 with it). MNIST with FGSM from the clean image at eps 0.2 / 0.3
+(groups of 8): adversarial 0.48 / 0.33
 without, 0.55 / 0.38 with shuffle-BN, clean 0.92.
 
 Why the first-order effect points this way: in a train-mode attack the gradient reaching each row through its
@@ -63,10 +64,18 @@ def _fast_advprop_toy(*, shuffle: bool, attack_in_train: bool, seed: int = 0) ->
     labels = torch.randint(0, CLASSES, (SAMPLES,), generator=g)
     data = means[labels] + 0.8 * torch.randn(SAMPLES, DIM, generator=g)
     torch.manual_seed(seed)
-    model = convert_split_bn_(nn.Sequential(
-        nn.BatchNorm1d(DIM), nn.Linear(DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(),
-        nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES),
-    )).train()
+    model = convert_split_bn_(
+        nn.Sequential(
+            nn.BatchNorm1d(DIM),
+            nn.Linear(DIM, HIDDEN),
+            nn.BatchNorm1d(HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.BatchNorm1d(HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, CLASSES),
+        )
+    ).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     half = BATCH // 2
     groups = half // GROUP
@@ -96,9 +105,13 @@ def _fast_advprop_toy(*, shuffle: bool, attack_in_train: bool, seed: int = 0) ->
         sync_update_speed_(model, n_clean=half, n_aux=BETA * half + half)
         opt.step()
         if step >= STEPS // 2:
-            hits += torch.stack([(out_clean.argmax(1) == yc).float().mean(),
-                                 (noisy.output.argmax(1) == ya).float().mean(),
-                                 (out_adv.argmax(1) == y_adv).float().mean()])
+            hits += torch.stack(
+                [
+                    (out_clean.argmax(1) == yc).float().mean(),
+                    (noisy.output.argmax(1) == ya).float().mean(),
+                    (out_adv.argmax(1) == y_adv).float().mean(),
+                ]
+            )
             seen += 1
     clean, noisy_acc, adv = (hits / seen).tolist()
     return {"clean": round(clean, 3), "noisy": round(noisy_acc, 3), "adv": round(adv, 3)}

@@ -14,8 +14,9 @@ def _groups_of(perm: torch.Tensor, sources: torch.Tensor, groups: int) -> list[l
     return [g.tolist() for g in sources[perm].view(groups, -1)]
 
 
-@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 6), per_group=st.integers(1, 6),
-       n_sources=st.integers(1, 12))
+@given(
+    seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 6), per_group=st.integers(1, 6), n_sources=st.integers(1, 12)
+)
 @settings(max_examples=200)
 def test_rows_of_one_source_are_dealt_as_evenly_as_possible_over_the_groups(seed, groups, per_group, n_sources):
     n = groups * per_group

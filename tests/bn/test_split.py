@@ -61,11 +61,19 @@ def _grads(module: nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@given(seed=st.integers(0, 2**31 - 1), n_clean=st.integers(0, 6), n_aux=st.integers(0, 6), train=st.booleans(),
-       momentum=st.sampled_from([0.1, 0.5, None]), affine=st.booleans(), track=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_clean=st.integers(0, 6),
+    n_aux=st.integers(0, 6),
+    train=st.booleans(),
+    momentum=st.sampled_from([0.1, 0.5, None]),
+    affine=st.booleans(),
+    track=st.booleans(),
+)
 @settings(max_examples=40)
-def test_split_bn_equals_two_batch_norms_applied_to_the_split_batch(kind, seed, n_clean, n_aux, train, momentum,
-                                                                     affine, track):
+def test_split_bn_equals_two_batch_norms_applied_to_the_split_batch(
+    kind, seed, n_clean, n_aux, train, momentum, affine, track
+):
     if (train or not track) and (n_clean == 1 or n_aux == 1) and not KINDS[kind][1]:
         n_clean, n_aux = n_clean + (n_clean == 1), n_aux + (n_aux == 1)  # one value per channel cannot train
     if n_clean + n_aux == 0:
@@ -260,11 +268,16 @@ def test_split_parameters_partitions_the_parameters():
 
 @pytest.mark.parametrize("kind", ["1d", "1d-seq", "2d", "3d"])
 @pytest.mark.parametrize("momentum", [0.1, None])
-@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 4), per_group=st.integers(2, 4), route=st.sampled_from(
-    ["clean", "adv"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 4),
+    per_group=st.integers(2, 4),
+    route=st.sampled_from(["clean", "adv"]),
+)
 @settings(max_examples=30)
-def test_ghost_bn_equals_one_bn_per_group_and_moves_running_stats_by_the_group_average(kind, momentum, seed, groups,
-                                                                                       per_group, route):
+def test_ghost_bn_equals_one_bn_per_group_and_moves_running_stats_by_the_group_average(
+    kind, momentum, seed, groups, per_group, route
+):
     model, main_ref, aux_ref = _pair(kind, seed, momentum=momentum)
     ref = main_ref if route == "clean" else aux_ref
     model.train(), ref.train()

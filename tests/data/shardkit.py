@@ -25,7 +25,7 @@ def write_shards(root: Path, samples: list[dict], sizes: list[int], *, prefix: s
     root.mkdir(parents=True, exist_ok=True)
     paths, start = [], 0
     for i, n in enumerate(sizes):
-        paths.append(str(write_shard(root / f"{prefix}-{i:04d}.tar", samples[start:start + n])))
+        paths.append(str(write_shard(root / f"{prefix}-{i:04d}.tar", samples[start : start + n])))
         start += n
     return paths
 

@@ -12,14 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from advtrain.data import (
-    decode_image,
-    fast_decoder_available,
-    image_size,
-    resize_dims,
-    train_transform,
-    val_transform,
-)
+from advtrain.data import decode_image, fast_decoder_available, image_size, resize_dims, train_transform, val_transform
 from advtrain.data._decode import dct_scale
 from advtrain.data._transforms import crop_source
 
@@ -105,8 +98,9 @@ def test_train_crop_box_on_the_drafted_image_keeps_at_least_size_pixels(big_jpeg
     data = big_jpegs[seed % len(big_jpegs)]
     for decoder in DECODERS:
         g = torch.Generator().manual_seed(seed)
-        img, (x0, y0, x1, y1) = crop_source(data, size=size, scale=(lo, 1.0), ratio=(3 / 4, 4 / 3), generator=g,
-                                            decoder=decoder)
+        img, (x0, y0, x1, y1) = crop_source(
+            data, size=size, scale=(lo, 1.0), ratio=(3 / 4, 4 / 3), generator=g, decoder=decoder
+        )
         s = img.width / 500
         orig_w, orig_h = (x1 - x0) / dct_scale((500, 375), img.size), (y1 - y0) / dct_scale((500, 375), img.size)
         if min(orig_w, orig_h) >= size:  # the box itself had enough pixels: so must its drafted version
@@ -119,7 +113,7 @@ def test_train_transform_on_bytes_is_close_to_the_full_decode_and_deterministic(
     t = train_transform(size=112, randaugment=None, hflip=0.5)
     t_full = train_transform(size=112, decoder="pillow")
     psnrs = []
-    for i, data in enumerate(big_jpegs):
+    for data in big_jpegs:
         for seed in range(5):
             a = t(data, torch.Generator().manual_seed(seed))
             assert a.shape == (3, 112, 112) and a.dtype == torch.uint8
@@ -165,8 +159,9 @@ def test_val_transform_equals_timm_resize_then_center_crop(big_jpegs, size, crop
     import torchvision.transforms as T
 
     img = Image.open(io.BytesIO(big_jpegs[2])).convert("RGB")
-    ref = T.Compose([T.Resize(math.floor(size / crop_pct), T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                     T.PILToTensor()])(img)
+    ref = T.Compose(
+        [T.Resize(math.floor(size / crop_pct), T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()]
+    )(img)
     v = val_transform(size=size, crop_pct=crop_pct)
     assert torch.equal(v(img), ref)
     drafted = v(big_jpegs[2])  # bytes: decoded at the smallest DCT scale that covers the resize target
@@ -210,8 +205,14 @@ def test_transforms_pickle_for_spawned_workers(big_jpegs):
 
 
 @settings(max_examples=60)
-@given(seed=st.integers(0, 2**31), w=st.integers(1, 900), h=st.integers(1, 900),
-       lo=st.floats(0.01, 1.0), ratio_lo=st.floats(0.2, 1.0), ratio_hi=st.floats(1.0, 5.0))
+@given(
+    seed=st.integers(0, 2**31),
+    w=st.integers(1, 900),
+    h=st.integers(1, 900),
+    lo=st.floats(0.01, 1.0),
+    ratio_lo=st.floats(0.2, 1.0),
+    ratio_hi=st.floats(1.0, 5.0),
+)
 def test_crop_box_draws_match_torchvision_get_params(seed, w, h, lo, ratio_lo, ratio_hi):
     """The generator-based sampler against torchvision's (global RNG seeded the same): the same boxes."""
     from torchvision.transforms import RandomResizedCrop
@@ -221,5 +222,7 @@ def test_crop_box_draws_match_torchvision_get_params(seed, w, h, lo, ratio_lo, r
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         top, left, bh, bw = RandomResizedCrop.get_params(torch.empty(1, h, w), [lo, 1.0], [ratio_lo, ratio_hi])
-    got = sample_crop_box(w, h, scale=(lo, 1.0), ratio=(ratio_lo, ratio_hi), generator=torch.Generator().manual_seed(seed))
+    got = sample_crop_box(
+        w, h, scale=(lo, 1.0), ratio=(ratio_lo, ratio_hi), generator=torch.Generator().manual_seed(seed)
+    )
     assert got == (left, top, bw, bh)

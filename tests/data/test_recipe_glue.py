@@ -35,8 +35,9 @@ def test_shard_specs(shared_datasets, tmp_path):
     pattern = root + "/train-{0000..0001}.tar.gz"
     with pytest.raises(ValueError, match="data.val_path"):
         split_sources("wds", path=pattern, train_transform=vt, val_transform=vt)
-    train, val = split_sources("wds", path=pattern, val_path=root + "/val-0000.tar.gz", train_transform=vt,
-                               val_transform=vt, resampled=True)
+    train, val = split_sources(
+        "wds", path=pattern, val_path=root + "/val-0000.tar.gz", train_transform=vt, val_transform=vt, resampled=True
+    )
     assert len(train.urls) == 2 and train.resampled and len(val.urls) == 1 and epoch_size(train) is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         split_sources("folder", path=str(tmp_path / "nowhere"), train_transform=vt, val_transform=vt)

@@ -59,7 +59,9 @@ def _source(kind: str, tmp_path: Path, real_samples: list[dict]):
             import numpy as np
             from PIL import Image
 
-            imgs = [np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((40, 30))) for s in real_samples[:26]]
+            imgs = [
+                np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((40, 30))) for s in real_samples[:26]
+            ]
             x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
             return TensorSource(x, torch.tensor([int(s["cls"]) for s in real_samples[:26]]), transform=T32)
         case "folder":
@@ -116,7 +118,9 @@ def test_a_stream_resumed_right_after_its_epochs_last_sample_goes_on(tmp_path, r
 @pytest.mark.parametrize("kind", ["tensors", "folder"])
 def test_map_style_augmentation_does_not_depend_on_the_worker_count(tmp_path, real_samples, kind):
     src = _source(kind, tmp_path, real_samples)
-    same(take(make_loader(src, batch_size=4, seed=3), 4), take(make_loader(src, batch_size=4, seed=3, num_workers=2), 4))
+    same(
+        take(make_loader(src, batch_size=4, seed=3), 4), take(make_loader(src, batch_size=4, seed=3, num_workers=2), 4)
+    )
 
 
 def test_resume_refuses_another_layout(tmp_path, real_samples):
@@ -139,10 +143,12 @@ def test_a_steps_images_across_ranks_are_one_processs_global_batch(world):
     ranks = [list(ShardedSampler(n, seed=4, rank=r, world=world, batch=per_rank)) for r in range(world)]
     assert len({len(r) for r in ranks}) == 1  # equal counts: DDP stays in lockstep
     for step in range(len(ranks[0]) // per_rank):
-        together = [k for r in ranks for k in r[step * per_rank:(step + 1) * per_rank]]
-        assert together == one[step * per_rank * world:(step + 1) * per_rank * world]
-    ev = [ShardedSampler(n, seed=4, rank=r, world=world, batch=per_rank, shuffle=False, drop_last=False)
-          for r in range(world)]
+        together = [k for r in ranks for k in r[step * per_rank : (step + 1) * per_rank]]
+        assert together == one[step * per_rank * world : (step + 1) * per_rank * world]
+    ev = [
+        ShardedSampler(n, seed=4, rank=r, world=world, batch=per_rank, shuffle=False, drop_last=False)
+        for r in range(world)
+    ]
     assert sorted(i for s in ev for _, i in s) == list(range(n))  # evaluation covers every sample once
 
 
@@ -209,8 +215,9 @@ def test_two_gloo_ranks_with_unequal_shards_resume_each_its_own_stream(tmp_path,
 
     # unequal shard sizes: the ranks' streams advance through shards at different rates
     urls = write_shards(tmp_path / "shards", keyed(real_samples[:44], "u"), [11, 3, 7, 2, 13, 8])
-    mp.start_processes(_rank_main, args=(2, _free_port(), urls, str(tmp_path), 1), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _rank_main, args=(2, _free_port(), urls, str(tmp_path), 1), nprocs=2, join=True, start_method="fork"
+    )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["resumed"] == r["full"] and r["images_equal"]

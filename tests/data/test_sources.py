@@ -108,7 +108,7 @@ def test_local_gzip_pipe_and_http_shards_read_the_same_samples(tmp_path, real_sa
         assert all(s["__url__"] == url for s in iter_shard_samples(url))
     # brace patterns over http, through the stream source
     for i in range(3):
-        write_shard(www / f"part-{i}.tar", keyed(real_samples[4 * i:4 * i + 4], f"p{i}"))
+        write_shard(www / f"part-{i}.tar", keyed(real_samples[4 * i : 4 * i + 4], f"p{i}"))
     src = ShardSource(f"{base}/part-{{0..2}}.tar", transform=T32, epochs=1, shuffle_shards=False, shuffle_buffer=0)
     got = keys_of(all_batches(make_loader(src, batch_size=4, seed=0)))
     assert got == [f"p{i}_{j:05d}" for i in range(3) for j in range(4)]
@@ -153,8 +153,11 @@ def test_shards_are_dealt_to_ranks_x_workers_without_overlap_and_with_full_cover
     src = ShardSource(urls, transform=T32)
     orders = []
     for epoch in range(3):
-        dealt = [src.bind(seed=5, rank=r, world=world).shards_for(epoch, worker=w, num_workers=workers)
-                 for r in range(world) for w in range(workers)]
+        dealt = [
+            src.bind(seed=5, rank=r, world=world).shards_for(epoch, worker=w, num_workers=workers)
+            for r in range(world)
+            for w in range(workers)
+        ]
         flat = [u for d in dealt for u in d]
         assert sorted(flat) == sorted(urls)  # every shard once: no overlap, full coverage
         assert max(map(len, dealt)) - min(map(len, dealt)) <= 1
@@ -207,8 +210,14 @@ def test_img2dataset_style_shards_give_captions_and_no_labels(tmp_path, real_sam
         buf = io.BytesIO()
         img.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt])
         meta = {"url": f"https://example.com/{i}.{fmt}", "caption": f"caption {i}", "width": 224, "height": 224}
-        samples.append({"__key__": f"{i:09d}", fmt: buf.getvalue(), "txt": f"caption {i}".encode(),
-                        "json": json.dumps(meta).encode()})
+        samples.append(
+            {
+                "__key__": f"{i:09d}",
+                fmt: buf.getvalue(),
+                "txt": f"caption {i}".encode(),
+                "json": json.dumps(meta).encode(),
+            }
+        )
     url = str(write_shard(tmp_path / "00000.tar", samples))
     src = ShardSource(url, transform=T32, labels=False, captions=True, epochs=1, shuffle_buffer=0)
     (b,) = all_batches(make_loader(src, batch_size=9, seed=0))
@@ -222,8 +231,10 @@ def test_img2dataset_style_shards_give_captions_and_no_labels(tmp_path, real_sam
     report = pytest.raises(ValueError, match=r"no label \(needs \.cls")
     with report:
         check_sources({"train": ShardSource(url, transform=T32)}, world=1, num_workers=1)
-    assert check_sources({"train": ShardSource(url, transform=T32, labels=False, captions=True)}, world=1,
-                         num_workers=1) == []
+    assert (
+        check_sources({"train": ShardSource(url, transform=T32, labels=False, captions=True)}, world=1, num_workers=1)
+        == []
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad data
@@ -259,9 +270,13 @@ def test_each_kind_of_bad_data_is_skipped_counted_and_named(tmp_path, real_sampl
     assert {f"g_{i:05d}" for i in range(20)} <= set(keys)  # every good sample of the intact shards
     records = [r for b in batches for r in b.bad]
     by_key = {(r.kind, r.key): r for r in records}
-    for kind, key, url in [("decode", "bad_decode", urls[0]), ("label", "bad_nocls", urls[0]),
-                           ("label", "bad_malformed", urls[0]), ("label", "bad_range", urls[1]),
-                           ("image", "bad_noimage", urls[1])]:
+    for kind, key, url in [
+        ("decode", "bad_decode", urls[0]),
+        ("label", "bad_nocls", urls[0]),
+        ("label", "bad_malformed", urls[0]),
+        ("label", "bad_range", urls[1]),
+        ("image", "bad_noimage", urls[1]),
+    ]:
         assert by_key[(kind, key)].url == url
     assert "seven" in by_key[("label", "bad_malformed")].message
     assert "12 outside [0, 10)" in by_key[("label", "bad_range")].message
@@ -302,8 +317,14 @@ def test_past_the_budget_the_run_stops_naming_the_worst_shards(tmp_path, real_sa
 
 def test_manifest_mismatch_is_reported(tmp_path, real_samples):
     urls = write_shards(tmp_path, keyed(real_samples[:12], "m"), [5, 7])
-    manifest = {"splits": {"train": {"count": 13, "shards": [
-        {"file": "train-0000.tar", "count": 5}, {"file": "train-0001.tar", "count": 8}]}}}
+    manifest = {
+        "splits": {
+            "train": {
+                "count": 13,
+                "shards": [{"file": "train-0000.tar", "count": 5}, {"file": "train-0001.tar", "count": 8}],
+            }
+        }
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     src = ShardSource(tmp_path, split="train", transform=T32, epochs=1, shuffle_shards=False)
     assert src.urls == urls and src.counts == {urls[0]: 5, urls[1]: 8}
@@ -337,8 +358,9 @@ def test_folder_source_replaces_an_unreadable_file_by_the_next_one(tmp_path, rea
     drawn = ShardedSampler(13, seed=0, rank=0, world=1, batch=4).indices(0)
     assert [r.key for r in records] == (["class1/img00_corrupt.jpg"] if corrupt[0] in drawn else [])
     # evaluation order is fixed, so the corrupt file is met and replaced by the next index, recorded
-    ev = all_batches(make_loader(ImageFolderSource(tmp_path, transform=val_transform(size=32)),
-                                 batch_size=5, seed=0, train=False))
+    ev = all_batches(
+        make_loader(ImageFolderSource(tmp_path, transform=val_transform(size=32)), batch_size=5, seed=0, train=False)
+    )
     ev_records = [r for b in ev for r in b.bad]
     assert [(r.kind, r.key) for r in ev_records] == [("decode", "class1/img00_corrupt.jpg")]
     # "img00_corrupt" sorts first in class1: its successor stands in for it, so it appears twice
@@ -363,17 +385,25 @@ def test_check_sources_finds_every_problem_before_training(tmp_path, real_sample
     ok = {"train": ShardSource(urls, transform=T32), "val": ShardSource(val, transform=T32, epochs=1)}
     assert check_sources(ok, world=1, num_workers=1) == []
     (tmp_path / "s" / "train-0002.tar").write_bytes(b"")
-    empty_warned = check_sources({"train": ShardSource(urls + [str(tmp_path / "s" / "train-0002.tar")])},
-                                 world=1, num_workers=1)
+    empty_warned = check_sources(
+        {"train": ShardSource(urls + [str(tmp_path / "s" / "train-0002.tar")])}, world=1, num_workers=1
+    )
     assert len(empty_warned) == 1 and "empty" in empty_warned[0]
     nocls = write_shard(tmp_path / "nocls.tar", [{"__key__": "x", "jpg": real_samples[0]["jpg"]}])
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError) as err:
-        check_sources({"train": ShardSource(urls + [str(tmp_path / "gone.tar")], transform=T32),
-                       "val": ShardSource(val, transform=T32, epochs=1),
-                       "text": ShardSource(str(nocls), transform=T32),
-                       "digits": TensorSource(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.zeros(3).long())},
-                      world=2, num_workers=2, batch_size=2, train=("train", "digits"))
+        check_sources(
+            {
+                "train": ShardSource(urls + [str(tmp_path / "gone.tar")], transform=T32),
+                "val": ShardSource(val, transform=T32, epochs=1),
+                "text": ShardSource(str(nocls), transform=T32),
+                "digits": TensorSource(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.zeros(3).long()),
+            },
+            world=2,
+            num_workers=2,
+            batch_size=2,
+            train=("train", "digits"),
+        )
     msg = str(err.value)
     assert "gone.tar" in msg  # a missing path
     assert "'val': 1 shards cannot feed 4 readers (2 ranks x 2 workers)" in msg  # too few validation shards

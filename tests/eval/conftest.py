@@ -34,8 +34,14 @@ def copy_shard_samples(src: Path, dst_dir: Path, *, n: int, split: str = "val", 
                     info.size = len(data)
                     t.addfile(info, io.BytesIO(data))
         raw = (dst_dir / name).read_bytes()
-        shards.append({"file": name, "count": len(keys[i : i + per_shard]), "bytes": len(raw),
-                       "sha256": hashlib.sha256(raw).hexdigest()})
+        shards.append(
+            {
+                "file": name,
+                "count": len(keys[i : i + per_shard]),
+                "bytes": len(raw),
+                "sha256": hashlib.sha256(raw).hexdigest(),
+            }
+        )
     out = {k: manifest[k] for k in ("name", "classes", "class_names") if k in manifest}
     out["splits"] = {split: {"count": n, "shards": shards}}
     (dst_dir / "manifest.json").write_text(json.dumps(out))

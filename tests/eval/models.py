@@ -12,8 +12,9 @@ def tiny_net(classes: int = 10, seed: int = 0) -> nn.Module:
     """A small random-init CNN on RGB pixels in [0, 1], any input size."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                             nn.Linear(32, classes))
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes)
+        )
 
 
 class FirstChannel(nn.Module):
@@ -36,9 +37,14 @@ class MnistTiny(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(16 * 7 * 7, 10))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 7 * 7, 10),
+        )
 
     def forward(self, x):
         return self.net((x[:, :1] - 0.1307) / 0.3081)  # normalization inside the model

@@ -21,14 +21,25 @@ from advtrain.eval._evalmodel import state_dict_sha256
 from tests.eval.conftest import class_folder_from_shards, copy_shard_samples
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--model", "tests.eval.models:tiny_net", "--random-init", "--img-size", "16", "--crop-pct", "1",
-        "--workers", "1", "--no-progress"]
+TINY = [
+    "--model",
+    "tests.eval.models:tiny_net",
+    "--random-init",
+    "--img-size",
+    "16",
+    "--crop-pct",
+    "1",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def shards(shared_datasets, tmp_path_factory) -> Path:
-    return copy_shard_samples(shared_datasets / "imagenette224", tmp_path_factory.mktemp("wds") / "val", n=40,
-                              per_shard=20)
+    return copy_shard_samples(
+        shared_datasets / "imagenette224", tmp_path_factory.mktemp("wds") / "val", n=40, per_shard=20
+    )
 
 
 def _records(out: Path) -> dict:
@@ -50,9 +61,35 @@ def timm_run(shards, tmp_path_factory):
     ckpt = tmp / "ckpt-00000100.pt"
     torch.save({"model": {f"inner.{k}": v for k, v in src.state_dict().items()}, "optim": {}, "step": 100}, ckpt)
     out = tmp / "out"
-    argv = ["--model", "resnet10t", "--checkpoint", str(ckpt), "--data", str(shards), "--img-size", "32",
-            "--eps", "linf=2/255,4/255", "l2=2", "l1=75", "--pgd-steps", "2", "--autoattack", "apgd-ce",
-            "--n", "20", "--batch-size", "10", "--plot", "linf", "--out", str(out), "--workers", "2", "--no-progress"]
+    argv = [
+        "--model",
+        "resnet10t",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(shards),
+        "--img-size",
+        "32",
+        "--eps",
+        "linf=2/255,4/255",
+        "l2=2",
+        "l1=75",
+        "--pgd-steps",
+        "2",
+        "--autoattack",
+        "apgd-ce",
+        "--n",
+        "20",
+        "--batch-size",
+        "10",
+        "--plot",
+        "linf",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     return argv, out, ckpt, src
 
 
@@ -62,8 +99,13 @@ def test_end_to_end_timm_checkpoint_on_shards(timm_run, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("| attack | norm | eps | accuracy (%) | 95% CI | correct / n |")
-    for row in ("| clean | - | - |", "| PGD-2 | linf | 2/255 |", "| AutoAttack (apgd-ce) | linf | 4/255 |",
-                "| PGD-2 | l2 | 2 |", "| AutoAttack (apgd-ce) | l1 | 75 |"):
+    for row in (
+        "| clean | - | - |",
+        "| PGD-2 | linf | 2/255 |",
+        "| AutoAttack (apgd-ce) | linf | 4/255 |",
+        "| PGD-2 | l2 | 2 |",
+        "| AutoAttack (apgd-ce) | l1 | 75 |",
+    ):
         assert row in printed
     assert (out / "report.md").read_text().count("| AutoAttack (apgd-ce) |") == 4
     assert (out / "robust_vs_eps_linf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,8 +148,21 @@ def test_end_to_end_timm_checkpoint_on_shards(timm_run, capsys):
 
 
 def test_resume_redoes_only_what_is_missing(shards, tmp_path, capsys):
-    args = [*TINY, "--data", str(shards), "--eps", "linf=4/255", "--pgd-steps", "2", "--autoattack", "none",
-            "--n", "12", "--batch-size", "4"]
+    args = [
+        *TINY,
+        "--data",
+        str(shards),
+        "--eps",
+        "linf=4/255",
+        "--pgd-steps",
+        "2",
+        "--autoattack",
+        "none",
+        "--n",
+        "12",
+        "--batch-size",
+        "4",
+    ]
     out = tmp_path / "out"
     assert main([*args, "--out", str(out)]) == 0
     first = _records(out)
@@ -135,12 +190,27 @@ def test_resume_redoes_only_what_is_missing(shards, tmp_path, capsys):
 
 def test_class_folder_with_imagenet_labels(shared_datasets, tmp_path, capsys):
     folder = class_folder_from_shards(shared_datasets / "imagenette224", tmp_path / "val", n=12)
-    args = [*TINY, "--model-kwargs", '{"classes": 1000}', "--data", str(folder), "--pgd-steps", "0",
-            "--autoattack", "none", "--norms", "linf", "--subset", "all"]
+    args = [
+        *TINY,
+        "--model-kwargs",
+        '{"classes": 1000}',
+        "--data",
+        str(folder),
+        "--pgd-steps",
+        "0",
+        "--autoattack",
+        "none",
+        "--norms",
+        "linf",
+        "--subset",
+        "all",
+    ]
     classes = len([d for d in folder.iterdir() if d.is_dir()])  # the class folders the first 12 images fill
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
-    assert (f"the model has 1000 outputs but the data has {classes} classes (try --imagenet-labels"
-            in capsys.readouterr().err)
+    assert (
+        f"the model has 1000 outputs but the data has {classes} classes (try --imagenet-labels"
+        in capsys.readouterr().err
+    )
     assert main([*args, "--imagenet-labels", "--out", str(tmp_path / "b")]) == 0
     recs = _records(tmp_path / "b")
     from timm.data import ImageNetInfo
@@ -153,13 +223,43 @@ def test_class_folder_with_imagenet_labels(shared_datasets, tmp_path, capsys):
 
 def test_open_clip_zero_shot(shards, tmp_path):
     cfg = tmp_path / "tiny-clip-test.json"
-    cfg.write_text(json.dumps({
-        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
     out = tmp_path / "out"
-    assert main(["--model", f"open_clip:{cfg}", "--random-init", "--data", str(shards), "--templates", "simple",
-                 "--eps", "linf=4/255", "--pgd-steps", "1", "--autoattack", "none", "--n", "10", "--out", str(out),
-                 "--no-progress", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                f"open_clip:{cfg}",
+                "--random-init",
+                "--data",
+                str(shards),
+                "--templates",
+                "simple",
+                "--eps",
+                "linf=4/255",
+                "--pgd-steps",
+                "1",
+                "--autoattack",
+                "none",
+                "--n",
+                "10",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["kind"] == "open_clip" and rep["model"]["num_classes"] == 10
     assert rep["model"]["class_names"][:2] == ["tench", "English Springer Spaniel"]  # CLIP's names of the wnids
@@ -189,16 +289,22 @@ def _bad_checkpoint(tmp_path):
 
 
 BAD = {
-    "checkpoint keys": (lambda t: _bad_checkpoint(t),
-                        r"does not match ResNet: .*fc\.weight: checkpoint \(5, 512\) vs model \(10, 512\)"),
-    "class count": (lambda t: [*TINY, "--model-kwargs", '{"classes": 7}'],
-                    "the model has 7 outputs but the data has 10 classes"),
+    "checkpoint keys": (
+        lambda t: _bad_checkpoint(t),
+        r"does not match ResNet: .*fc\.weight: checkpoint \(5, 512\) vs model \(10, 512\)",
+    ),
+    "class count": (
+        lambda t: [*TINY, "--model-kwargs", '{"classes": 7}'],
+        "the model has 7 outputs but the data has 10 classes",
+    ),
     "linf eps units": (lambda t: [*TINY, "--eps", "linf=4"], "did you mean 4/255"),
     "l2 eps too large": (lambda t: [*TINY, "--eps", "l2=100"], r"eps 100 for l2 is above 13.8564 on \(3, 16, 16\)"),
     "missing subset list": (lambda t: [*TINY, "--subset", str(t / "none.txt")], "no such subset list"),
     "subset keys not in data": (lambda t: [*TINY, "--subset", str(_keys_file(t))], "1 of the 2 keys in"),
-    "robustbench list not in data": (lambda t: [*TINY, "--subset", "robustbench"],
-                                     "5000 of the 5000 RobustBench ImageNet images are not in the data"),
+    "robustbench list not in data": (
+        lambda t: [*TINY, "--subset", "robustbench"],
+        "5000 of the 5000 RobustBench ImageNet images are not in the data",
+    ),
     "no weights": (lambda t: ["--model", "tests.eval.models:tiny_net"], "exactly one of --pretrained"),
     "bad attack name": (lambda t: [*TINY, "--autoattack", "apgd-ce,pgd"], "custom AutoAttack list"),
 }
@@ -225,12 +331,33 @@ def test_bad_input_is_one_error_line_before_any_attack(case, shards, tmp_path, c
 
 def test_missing_data_and_no_traceback_in_a_subprocess(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "advtrain.eval", *TINY, "--data", str(tmp_path / "nowhere"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "advtrain.eval",
+            *TINY,
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: data {str(tmp_path / 'nowhere')!r} does not exist"
-    h = subprocess.run([sys.executable, "-m", "advtrain.eval", "--help"], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=120)
+    h = subprocess.run(
+        [sys.executable, "-m", "advtrain.eval", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert h.returncode == 0 and "--resume" in h.stdout and "RobustBench" in h.stdout
 
 
@@ -238,8 +365,15 @@ def test_missing_data_and_no_traceback_in_a_subprocess(tmp_path):
 
 
 def _rank_worker(rank: int, argv: list[str], port: int, world: int) -> None:
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     if main(argv) != 0:
         raise SystemExit(f"rank {rank} failed")
@@ -256,8 +390,21 @@ def _free_port() -> int:
 def test_two_gloo_ranks_split_the_subset_and_gather_the_counts(shards, tmp_path):
     import torch.multiprocessing as mp
 
-    args = [*TINY, "--data", str(shards), "--eps", "linf=4/255", "--pgd-steps", "2", "--autoattack", "none",
-            "--n", "14", "--batch-size", "1"]  # batch 1: every sample's result is independent of the split
+    args = [
+        *TINY,
+        "--data",
+        str(shards),
+        "--eps",
+        "linf=4/255",
+        "--pgd-steps",
+        "2",
+        "--autoattack",
+        "none",
+        "--n",
+        "14",
+        "--batch-size",
+        "1",
+    ]  # batch 1: every sample's result is independent of the split
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     mp.spawn(_rank_worker, args=([*args, "--out", str(tmp_path / "two")], _free_port(), 2), nprocs=2, join=True)
     r0 = read_sample_log([tmp_path / "two" / "samples.0.jsonl"])

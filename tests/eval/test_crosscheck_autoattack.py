@@ -64,10 +64,39 @@ def test_command_autoattack_equals_pyautoattack_standard(mnist_setup, norm, caps
     model, root, x, y, keys = mnist_setup
     text, eps = EPS[norm]
     out = root / f"out-{norm}"
-    rc = main(["--model", "tests.eval.models:mnist_tiny", "--checkpoint", str(root / "ckpt.pt"),
-               "--data", str(root / "shards"), "--split", "test", "--img-size", "28", "--crop-pct", "1",
-               "--eps", f"{norm}={text}", "--pgd-steps", "0", "--autoattack", "standard", "--seed", "0",
-               "--subset", "all", "--batch-size", str(N), "--workers", "1", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "--model",
+            "tests.eval.models:mnist_tiny",
+            "--checkpoint",
+            str(root / "ckpt.pt"),
+            "--data",
+            str(root / "shards"),
+            "--split",
+            "test",
+            "--img-size",
+            "28",
+            "--crop-pct",
+            "1",
+            "--eps",
+            f"{norm}={text}",
+            "--pgd-steps",
+            "0",
+            "--autoattack",
+            "standard",
+            "--seed",
+            "0",
+            "--subset",
+            "all",
+            "--batch-size",
+            str(N),
+            "--workers",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     recs = read_sample_log(out.glob("samples.*.jsonl"))
     name = f"autoattack-{norm}-{text}"
@@ -76,8 +105,14 @@ def test_command_autoattack_equals_pyautoattack_standard(mnist_setup, norm, caps
     ref_model = MnistTiny()
     ref_model.load_state_dict(model.state_dict())
     ref_model.eval()
-    aa = AutoAttack(ref_model, norm={"linf": "Linf", "l2": "L2", "l1": "L1"}[norm], eps=eps, version="standard",
-                    seed=0, device="cpu")
+    aa = AutoAttack(
+        ref_model,
+        norm={"linf": "Linf", "l2": "L2", "l1": "L1"}[norm],
+        eps=eps,
+        version="standard",
+        seed=0,
+        device="cpu",
+    )
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=N)
     with torch.no_grad():
         clean = ref_model(x).argmax(1) == y
@@ -87,6 +122,8 @@ def test_command_autoattack_equals_pyautoattack_standard(mnist_setup, norm, caps
     report = json.loads((out / "report.json").read_text())
     assert report["attack_versions"]["pyautoattack"] == importlib.metadata.version("pyautoattack")
     assert report["results"]["counts"][name] == int(robust.sum())
-    print(f"\n{norm} eps {text}: clean {int(clean.sum())}/{N}, command AutoAttack {sum(ours)}/{N}, "
-          f"pyautoattack {int(robust.sum())}/{N}")
+    print(
+        f"\n{norm} eps {text}: clean {int(clean.sum())}/{N}, command AutoAttack {sum(ours)}/{N}, "
+        f"pyautoattack {int(robust.sum())}/{N}"
+    )
     assert 0 < int(robust.sum()) < int(clean.sum())  # the attacks bite and some images survive: not vacuous

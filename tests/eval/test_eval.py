@@ -63,8 +63,9 @@ def test_empty_loader_and_bad_max_samples():
 def test_report_table_lists_every_metric():
     model = tiny_cnn().eval()
     loader, _, _ = _data()
-    r = evaluate(model, loader, attacks={"pgd20": functools.partial(pgd, eps=0.01, step_size=0.005, steps=2)},
-                 progress=False)
+    r = evaluate(
+        model, loader, attacks={"pgd20": functools.partial(pgd, eps=0.01, step_size=0.005, steps=2)}, progress=False
+    )
     t = r.table()
     assert "| clean |" in t and "| pgd20 |" in t and "24 samples" in t
 

@@ -125,8 +125,12 @@ X, Y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
 
 BAD = [
     ([((X * 255).to(torch.uint8), Y)], {}, TypeError, r"got torch\.uint8 \(convert with x\.float\(\) / 255\)"),
-    ([{"img_bytes": X, "cls_id": Y}], {}, ValueError,
-     r"dict with keys \['cls_id', 'img_bytes'\]; .*\('image', 'label'\)"),
+    (
+        [{"img_bytes": X, "cls_id": Y}],
+        {},
+        ValueError,
+        r"dict with keys \['cls_id', 'img_bytes'\]; .*\('image', 'label'\)",
+    ),
     ([(X, Y)], {"attacks": [PGD]}, TypeError, r"attacks must be a dict name -> attack.*got list"),
     ([(X, Y)], {"attacks": PGD}, TypeError, r"attacks must be a dict name -> attack.*got partial"),
     ([(X, Y)], {"attacks": {"pgd": "pgd"}}, TypeError, r"attacks\['pgd'\] must be callable"),
@@ -152,8 +156,14 @@ def test_bad_input_is_refused_in_one_line(loader, kw, error, match):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("output, match", [(lambda z: (z, z), r"got tuple"), (lambda z: {"logits": z}, r"got dict"),
-                                           (lambda z: z[:, 0], r"must be \(4, K\) logits; got shape \(4,\)")])
+@pytest.mark.parametrize(
+    "output, match",
+    [
+        (lambda z: (z, z), r"got tuple"),
+        (lambda z: {"logits": z}, r"got dict"),
+        (lambda z: z[:, 0], r"must be \(4, K\) logits; got shape \(4,\)"),
+    ],
+)
 def test_a_model_that_returns_no_logits_tensor_is_refused(output, match):
     base = tiny_cnn().eval()
     with pytest.raises((TypeError, ValueError), match=match):

@@ -44,25 +44,34 @@ def _batches(n=24, bs=8, seed=0, classes=4):
 
 def test_protocol_lists_attacks_per_norm_and_radius():
     p = EvalProtocol(eps={"linf": [2 / 255, 4 / 255], "l1": 75}, pgd_steps=20, pgd_rel_step=0.25)
-    assert [a.name for a in p.attacks] == ["pgd20-linf-2/255", "autoattack-linf-2/255", "pgd20-linf-4/255",
-                                           "autoattack-linf-4/255", "pgd20-l1-75", "autoattack-l1-75"]
+    assert [a.name for a in p.attacks] == [
+        "pgd20-linf-2/255",
+        "autoattack-linf-2/255",
+        "pgd20-linf-4/255",
+        "autoattack-linf-4/255",
+        "pgd20-l1-75",
+        "autoattack-l1-75",
+    ]
     assert p.attacks[2].step_size == pytest.approx(1 / 255) and p.attacks[3].version == "standard"
     d = p.to_dict()
     assert d["eps"] == {"linf": [2 / 255, 4 / 255], "l1": [75.0]} and len(d["attacks"]) == 6
     json.dumps(d)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(eps={"linf": 4}, pgd_steps=0), "did you mean 4/255"),
-    (dict(eps={"linf": -0.1}, pgd_steps=0), "> 0"),
-    (dict(eps={"l3": 0.1}, pgd_steps=0), "unknown norm"),
-    (dict(eps={}, pgd_steps=0), "map norms"),
-    (dict(eps={"linf": [0.1, 0.1]}, pgd_steps=0), "repeats"),
-    (dict(eps={"linf": 0.1}, pgd_steps=10), "pgd_rel_step"),
-    (dict(eps={"linf": 0.1}, pgd_steps=-1), "pgd_steps"),
-    (dict(eps={"linf": 0.1}, pgd_steps=0, autoattack="fast"), "autoattack must be"),
-    (dict(eps={"linf": 0.1}, pgd_steps=0, autoattack=["apgd-ce", "pgd"]), "custom AutoAttack"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(eps={"linf": 4}, pgd_steps=0), "did you mean 4/255"),
+        (dict(eps={"linf": -0.1}, pgd_steps=0), "> 0"),
+        (dict(eps={"l3": 0.1}, pgd_steps=0), "unknown norm"),
+        (dict(eps={}, pgd_steps=0), "map norms"),
+        (dict(eps={"linf": [0.1, 0.1]}, pgd_steps=0), "repeats"),
+        (dict(eps={"linf": 0.1}, pgd_steps=10), "pgd_rel_step"),
+        (dict(eps={"linf": 0.1}, pgd_steps=-1), "pgd_steps"),
+        (dict(eps={"linf": 0.1}, pgd_steps=0, autoattack="fast"), "autoattack must be"),
+        (dict(eps={"linf": 0.1}, pgd_steps=0, autoattack=["apgd-ce", "pgd"]), "custom AutoAttack"),
+    ],
+)
 def test_protocol_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EvalProtocol(**kwargs)
@@ -105,7 +114,7 @@ def test_records_are_written_batch_by_batch(tmp_path):
     seen = []
 
     def batches():
-        for i, b in enumerate(_batches()):
+        for b in _batches():
             seen.append(len(read_sample_log([path])))  # what is on disk when the next batch is asked for
             yield b
 
@@ -208,8 +217,12 @@ def test_tf32_flags_are_off_inside_and_restored():
                 flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
                 return torch.zeros(x.shape[0], 4, requires_grad=True) + x.mean() * 0
 
-        robust_eval(Probe(), _images(n=2), protocol=EvalProtocol(eps={"linf": 0.1}, pgd_steps=0, autoattack=None),
-                    progress=False)
+        robust_eval(
+            Probe(),
+            _images(n=2),
+            protocol=EvalProtocol(eps={"linf": 0.1}, pgd_steps=0, autoattack=None),
+            progress=False,
+        )
         assert flags and set(flags) == {(False, False)}
         assert torch.backends.cudnn.allow_tf32 is True
     finally:
@@ -275,8 +288,12 @@ def test_nonfinite_logits_count_as_wrong():
             return out + 0 * x.sum()
 
     x = torch.rand(4, 3, 2, 2)
-    r = robust_eval(Nan(), [(x, torch.zeros(4, dtype=torch.int64))],
-                    protocol=EvalProtocol(eps={"linf": 0.1}, pgd_steps=0, autoattack=None), progress=False)
+    r = robust_eval(
+        Nan(),
+        [(x, torch.zeros(4, dtype=torch.int64))],
+        protocol=EvalProtocol(eps={"linf": 0.1}, pgd_steps=0, autoattack=None),
+        progress=False,
+    )
     assert r.counts["clean"] == 3 and r.nonfinite == 1
 
 
@@ -333,8 +350,17 @@ def test_wilson_interval_contains_the_estimate():
 
 def test_recipe_eval_is_robust_eval_with_short_keys(tmp_path):
     model, batches = _model(), [(x, y) for x, y, _ in _batches()]
-    out = recipe_eval(model, lambda: batches, norms=("linf", "l2"), eps={"linf": 8 / 255, "l2": 0.5, "l1": 9.0},
-                      pgd_steps=3, pgd_step_size=4 / 255, autoattack_samples=0, seed=0, results=tmp_path / "s.jsonl")
+    out = recipe_eval(
+        model,
+        lambda: batches,
+        norms=("linf", "l2"),
+        eps={"linf": 8 / 255, "l2": 0.5, "l1": 9.0},
+        pgd_steps=3,
+        pgd_step_size=4 / 255,
+        autoattack_samples=0,
+        seed=0,
+        results=tmp_path / "s.jsonl",
+    )
     keyed = [(x, y, [str(8 * i + j) for j in range(len(y))]) for i, (x, y) in enumerate(batches)]
     r = robust_eval(model, keyed, protocol=P_PGD, progress=False)
     assert out == {"clean": r.clean, "n": 24, "pgd3": r.robust["pgd3-linf-8/255"], "pgd3-l2": r.robust["pgd3-l2-0.5"]}

@@ -39,8 +39,9 @@ def one_thread():
 
 def tiny_vit(*, dynamic: bool = True, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4,
-                             dynamic_img_size=dynamic).eval()
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4, dynamic_img_size=dynamic
+    ).eval()
 
 
 def data(n: int = 16, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,6 +52,7 @@ def data(n: int = 16, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor,
 
 def reference(model, loader, size, **kw) -> EvalReport:
     """evaluate() on images resized by hand: resize_reduce to shrink, plain bilinear to grow."""
+
     def resize(x):
         if size <= x.shape[-1]:
             return resize_reduce(x, size)
@@ -109,8 +111,13 @@ def test_modes_restored_max_samples_pairs_and_extra_batch_items():
 
 
 @settings(max_examples=30)
-@given(h=st.integers(1, 12), w=st.integers(1, 12), big_h=st.integers(1, 12), big_w=st.integers(1, 12),
-       seed=st.integers(0, 2**16))
+@given(
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    big_h=st.integers(1, 12),
+    big_w=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
 def test_resize_images_is_a_convex_combination_and_matches_the_references(h, w, big_h, big_w, seed):
     x = torch.rand(2, 3, big_h, big_w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     out = resize_images(x, (h, w))
@@ -127,12 +134,14 @@ def test_resize_images_is_a_convex_combination_and_matches_the_references(h, w, 
 
 def test_table_marks_missing_metrics_and_plot_handles_them(tmp_path):
     rows = [(224, EvalReport(50, 0.8, {"pgd": 0.5}, 1.0)), (288, EvalReport(50, 0.82, {"aa": 0.4}, 2.5))]
-    assert format_resolution_table(rows) == "\n".join([
-        "| resolution | clean (%) | pgd (%) | aa (%) | n | time (s) |",
-        "|---|---|---|---|---|---|",
-        "| 224 | 80.00 | 50.00 | - | 50 | 1.0 |",
-        "| 288 | 82.00 | - | 40.00 | 50 | 2.5 |",
-    ])
+    assert format_resolution_table(rows) == "\n".join(
+        [
+            "| resolution | clean (%) | pgd (%) | aa (%) | n | time (s) |",
+            "|---|---|---|---|---|---|",
+            "| 224 | 80.00 | 50.00 | - | 50 | 1.0 |",
+            "| 288 | 82.00 | - | 40.00 | 50 | 2.5 |",
+        ]
+    )
     assert plot_resolution(rows, str(tmp_path / "r.png")).stat().st_size > 0
 
 

@@ -110,9 +110,25 @@ def test_stratified_subset_pinned_choice():
     keys = [f"k{i}" for i in range(20)]
     labels = [i % 4 for i in range(20)]
     assert [keys[i] for i in stratified_subset(keys, labels, n=8, seed=0)] == [
-        "k11", "k12", "k13", "k16", "k17", "k18", "k19", "k2"]
+        "k11",
+        "k12",
+        "k13",
+        "k16",
+        "k17",
+        "k18",
+        "k19",
+        "k2",
+    ]
     assert [keys[i] for i in stratified_subset(keys, labels, n=8, seed=1)] == [
-        "k0", "k1", "k11", "k13", "k14", "k18", "k3", "k4"]
+        "k0",
+        "k1",
+        "k11",
+        "k13",
+        "k14",
+        "k18",
+        "k3",
+        "k4",
+    ]
 
 
 @given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=8), n=st.integers(1, 120), seed=st.integers(0, 99))

@@ -60,17 +60,22 @@ def _naive(f: torch.Tensor, g: torch.Tensor, t: float, direction: str) -> list[f
 
 
 @given(
-    seed=st.integers(0, 2**31 - 1), b=st.integers(1, 7), d=st.integers(1, 6), t=st.floats(-3.0, 7.0),
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 7),
+    d=st.integers(1, 6),
+    t=st.floats(-3.0, 7.0),
     direction=st.sampled_from(["symmetric", "image_to_text"]),
 )
 def test_matches_a_naive_loop(seed, b, d, t, direction):
     f, g = _features(seed, b, d)
     got = clip_contrastive_loss(f, g, logit_scale=t, direction=direction, reduction="none")
-    torch.testing.assert_close(got, torch.tensor(_naive(f, g, t, direction), dtype=torch.float64),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        got, torch.tensor(_naive(f, g, t, direction), dtype=torch.float64), rtol=1e-10, atol=1e-10
+    )
     torch.testing.assert_close(clip_contrastive_loss(f, g, logit_scale=t, direction=direction), got.mean())
-    torch.testing.assert_close(clip_contrastive_loss(f, g, logit_scale=t, direction=direction, reduction="sum"),
-                               got.sum())
+    torch.testing.assert_close(
+        clip_contrastive_loss(f, g, logit_scale=t, direction=direction, reduction="sum"), got.sum()
+    )
 
 
 @given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 8), t=st.floats(-2.0, 4.0))
@@ -94,8 +99,12 @@ def test_symmetric_when_the_modalities_are_swapped(seed, b, d, t):
 
 
 @given(
-    seed=st.integers(0, 2**31 - 1), b=st.integers(1, 6), d=st.integers(1, 6),
-    log_a=st.floats(-6.0, 6.0), log_c=st.floats(-6.0, 6.0), t=st.floats(-3.0, 6.0),
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 6),
+    d=st.integers(1, 6),
+    log_a=st.floats(-6.0, 6.0),
+    log_c=st.floats(-6.0, 6.0),
+    t=st.floats(-3.0, 6.0),
 )
 def test_invariant_to_the_scale_of_the_features(seed, b, d, log_a, log_c, t):
     f, g = _features(seed, b, d)
@@ -149,8 +158,10 @@ def test_temperature_clamp(excess, seed):
 
 def test_custom_cap():
     f, g = _features(0, 4, 3)
-    torch.testing.assert_close(clip_contrastive_loss(f, g, logit_scale=5.0, max_scale=10.0),
-                               clip_contrastive_loss(f, g, logit_scale=math.log(10.0)))
+    torch.testing.assert_close(
+        clip_contrastive_loss(f, g, logit_scale=5.0, max_scale=10.0),
+        clip_contrastive_loss(f, g, logit_scale=math.log(10.0)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,8 +185,7 @@ def test_gradcheck_in_the_image_features_and_the_temperature():
     t = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     for direction in ("symmetric", "image_to_text"):
         assert torch.autograd.gradcheck(
-            lambda f_, t_: clip_contrastive_loss(f_, g, logit_scale=t_, direction=direction, reduction="none"),
-            (f, t),
+            lambda f_, t_: clip_contrastive_loss(f_, g, logit_scale=t_, direction=direction, reduction="none"), (f, t)
         )
 
 
@@ -183,8 +193,9 @@ def test_low_precision_features_compute_in_float32():
     f, g = _features(3, 4, 8, torch.float32)
     out = clip_contrastive_loss(f.bfloat16(), g.bfloat16(), logit_scale=2.0, reduction="none")
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, clip_contrastive_loss(f.bfloat16().float(), g.bfloat16().float(),
-                                                          logit_scale=2.0, reduction="none"))
+    torch.testing.assert_close(
+        out, clip_contrastive_loss(f.bfloat16().float(), g.bfloat16().float(), logit_scale=2.0, reduction="none")
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -232,8 +243,18 @@ def test_pgd_with_this_loss_raises_the_loss(tower, direction, norm):
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     loss_fn = contrastive_attack_loss(logit_scale=INIT_LOGIT_SCALE, direction=direction)
     eps = 8 / 255 if norm == "linf" else 0.5
-    x_adv = pgd(model, x, text, eps=eps, step_size=eps / 3, steps=5, norm=norm, loss_fn=loss_fn,
-                random_start=False, return_best=True)
+    x_adv = pgd(
+        model,
+        x,
+        text,
+        eps=eps,
+        step_size=eps / 3,
+        steps=5,
+        norm=norm,
+        loss_fn=loss_fn,
+        random_start=False,
+        return_best=True,
+    )
     clean, adv = loss_fn(model(x), text), loss_fn(model(x_adv), text)
     assert clean.shape == adv.shape == (8,)
     assert adv.mean() > clean.mean() + 1e-3
@@ -252,8 +273,9 @@ def test_attack_loss_never_touches_the_temperature(tower):
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         module.logit_scale.fill_(0.0)  # the adapter reads the current value
-    torch.testing.assert_close(loss_fn(model(x), text), clip_contrastive_loss(model(x), text, logit_scale=0.0,
-                                                                            reduction="none"))
+    torch.testing.assert_close(
+        loss_fn(model(x), text), clip_contrastive_loss(model(x), text, logit_scale=0.0, reduction="none")
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -32,8 +32,11 @@ def _naive(z: torch.Tensor, q: torch.Tensor) -> list[float]:
 
 
 @given(
-    seed=st.integers(0, 2**31 - 1), b=st.integers(1, 6), k=st.integers(1, 7),
-    smoothing=st.sampled_from([0.0, 0.1, 0.5]), dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 6),
+    k=st.integers(1, 7),
+    smoothing=st.sampled_from([0.0, 0.1, 0.5]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 @settings(max_examples=100)
 def test_soft_one_hot_equals_hard_labels(seed, b, k, smoothing, dtype):

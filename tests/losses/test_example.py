@@ -16,8 +16,21 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_clip_text_example_trains_against_the_frozen_tower(shared_datasets):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "examples/clip_text_contrastive.py", "--data", str(shared_datasets / "mnist"),
-                        "--steps", "30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "examples/clip_text_contrastive.py",
+            "--data",
+            str(shared_datasets / "mnist"),
+            "--steps",
+            "30",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", r.stdout)]
     assert len(losses) >= 5, r.stdout

@@ -97,8 +97,9 @@ def test_embed_texts_is_the_normalized_tower_output_in_order(tower):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
 def test_batching_does_not_change_the_features(tower, batch_size):
-    torch.testing.assert_close(embed_texts(tower, CAPTIONS, batch_size=batch_size), embed_texts(tower, CAPTIONS),
-                               **BATCHING_TOL)
+    torch.testing.assert_close(
+        embed_texts(tower, CAPTIONS, batch_size=batch_size), embed_texts(tower, CAPTIONS), **BATCHING_TOL
+    )
 
 
 def test_each_distinct_caption_is_encoded_once(tower):
@@ -186,9 +187,7 @@ def test_tiny_tower_keeps_template_captions_apart():
             assert cos.mean() > 0.9  # the reason for the gain: untrained CLIP init averages the template
 
 
-@pytest.mark.parametrize(
-    "kw", [{"embed_dim": 0}, {"width": 30, "heads": 4}, {"layers": 1.5}, {"attention_gain": 0.0}]
-)
+@pytest.mark.parametrize("kw", [{"embed_dim": 0}, {"width": 30, "heads": 4}, {"layers": 1.5}, {"attention_gain": 0.0}])
 def test_tiny_tower_bad_sizes_raise(kw):
     with pytest.raises(ValueError):
         tiny_text_tower(**kw)

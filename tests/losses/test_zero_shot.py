@@ -43,8 +43,9 @@ def test_one_template_is_the_caption_embedding(tower):
 def test_callable_templates_match_format_strings(tower):
     callables = open_clip.OPENAI_IMAGENET_TEMPLATES[:3]
     strings = [t("{}") for t in callables]
-    torch.testing.assert_close(text_classifier(tower, CLASSES, templates=callables),
-                               text_classifier(tower, CLASSES, templates=strings))
+    torch.testing.assert_close(
+        text_classifier(tower, CLASSES, templates=callables), text_classifier(tower, CLASSES, templates=strings)
+    )
 
 
 def test_classifier_prompts_are_cached(tower):

@@ -223,9 +223,19 @@ def test_bad_arguments_raise_and_leave_the_model_unchanged():
 
 
 def test_public_surface_and_docstrings():
-    assert set(models.__all__) == {"ConvStem", "StemAct", "StemNorm", "convstem_", "WeightsMismatchError",
-                                   "WeightsReport", "file_sha256", "find_state_dict", "load_weights",
-                                   "read_checkpoint", "strip_prefixes"}
+    assert set(models.__all__) == {
+        "ConvStem",
+        "StemAct",
+        "StemNorm",
+        "convstem_",
+        "WeightsMismatchError",
+        "WeightsReport",
+        "file_sha256",
+        "find_state_dict",
+        "load_weights",
+        "read_checkpoint",
+        "strip_prefixes",
+    }
     for name in ("ConvStem", "convstem_"):
         obj = getattr(models, name)
         assert obj.__module__ == "advtrain.models._convstem"

@@ -9,12 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.models import (
-    WeightsMismatchError,
-    find_state_dict,
-    load_weights,
-    strip_prefixes,
-)
+from advtrain.models import WeightsMismatchError, find_state_dict, load_weights, strip_prefixes
 
 
 def _net(seed=0, classes=3):
@@ -56,8 +51,15 @@ def test_plain_state_dict_file_loads_and_reports_its_sha256(tmp_path):
 def test_recipe_checkpoint_loads_into_the_bare_model(tmp_path):
     src, dst = _mlp(0), _mlp(1)
     wrapper = Normalized(src)
-    ckpt = {"model": wrapper.state_dict(), "optim": {"state": {}, "param_groups": []}, "ema": {},
-            "rng": torch.zeros(4, dtype=torch.uint8), "samples_seen": 1024, "step": 8, "evals": "[]"}
+    ckpt = {
+        "model": wrapper.state_dict(),
+        "optim": {"state": {}, "param_groups": []},
+        "ema": {},
+        "rng": torch.zeros(4, dtype=torch.uint8),
+        "samples_seen": 1024,
+        "step": 8,
+        "evals": "[]",
+    }
     torch.save(ckpt, tmp_path / "ckpt-00000008.pt")
     r = load_weights(dst, tmp_path / "ckpt-00000008.pt")
     assert _same(src, dst)
@@ -110,8 +112,10 @@ def test_strip_prefixes_never_makes_keys_collide():
 def test_missing_and_unexpected_keys_are_all_named_and_nothing_is_written():
     dst = _mlp(1)
     before = {k: v.clone() for k, v in dst.state_dict().items()}
-    sd = {k: v for k, v in _mlp(0).state_dict().items() if k != "2.bias"} | {"extra.weight": torch.zeros(1),
-                                                                              "extra.bias": torch.zeros(1)}
+    sd = {k: v for k, v in _mlp(0).state_dict().items() if k != "2.bias"} | {
+        "extra.weight": torch.zeros(1),
+        "extra.bias": torch.zeros(1),
+    }
     with pytest.raises(WeightsMismatchError) as err:
         load_weights(dst, sd)
     msg = str(err.value)

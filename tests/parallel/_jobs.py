@@ -35,8 +35,16 @@ class Normalized(nn.Module):
         return self.inner((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
-TIMM = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
-            num_classes=10, drop_path_rate=0.0)
+TIMM = dict(
+    model_name="vit_tiny_patch16_224",
+    img_size=32,
+    patch_size=8,
+    depth=2,
+    embed_dim=32,
+    num_heads=2,
+    num_classes=10,
+    drop_path_rate=0.0,
+)
 
 
 def make_model(seed: int = 0) -> Normalized:
@@ -51,8 +59,9 @@ def make_convnext(seed: int = 0) -> Normalized:
     import timm
 
     torch.manual_seed(seed)
-    return Normalized(timm.create_model("convnext_atto", pretrained=False, num_classes=10, dims=(8, 16, 16, 16),
-                                        depths=(1, 1, 1, 1)))
+    return Normalized(
+        timm.create_model("convnext_atto", pretrained=False, num_classes=10, dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
+    )
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -168,8 +177,14 @@ def job_train_attack_save(rank: int, world: int, out: str) -> None:
     ema = shard_model_(make_model(seed=1), precision="fp32")  # a second sharded state to save and restore
     opt = make_optimizer(model)
     res["fsdp_losses"] = train(model, opt, steps=range(3), rank=rank, world=world)
-    save_checkpoint(out / "ckpt-000000000003", model=model, optimizer=opt, ema=ema, extra={"step": 3},
-                    rank_state={"rank": rank, "pos": 3 * GLOBAL_BATCH // world})
+    save_checkpoint(
+        out / "ckpt-000000000003",
+        model=model,
+        optimizer=opt,
+        ema=ema,
+        extra={"step": 3},
+        rank_state={"rank": rank, "pos": 3 * GLOBAL_BATCH // world},
+    )
     res["fsdp_losses"] += train(model, opt, steps=range(3, 5), rank=rank, world=world)
     res["fsdp_final"] = full_state(model)
     res["shard_bytes"] = {  # this rank's memory for parameters, gradients and AdamW state
@@ -209,8 +224,12 @@ def job_resume(rank: int, world: int, out: str) -> None:
     opt = make_optimizer(model)
     path = latest_checkpoint(out)
     resumed = load_checkpoint(path, model=model, optimizer=opt, ema=ema)
-    res = {"extra": resumed.extra, "rank_state": resumed.rank_state, "saved_world": resumed.saved_world,
-           "ema": full_state(ema)}
+    res = {
+        "extra": resumed.extra,
+        "rank_state": resumed.rank_state,
+        "saved_world": resumed.saved_world,
+        "ema": full_state(ema),
+    }
     res["losses"] = train(model, opt, steps=range(3, 5), rank=rank, world=world)
     res["final"] = full_state(model)
 

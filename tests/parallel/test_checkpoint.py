@@ -37,10 +37,16 @@ def _save(path, model, opt=None, **kw):
 def test_roundtrip_restores_model_optimizer_ema_and_states(tmp_path):
     model, opt = _trained()
     ema = _jobs.make_model(seed=3)
-    p = _save(tmp_path / "ckpt-000000000002", model, opt, ema=ema, extra={"step": 2, "evals": "[]"},
-              rank_state={"pos": 16})
-    assert sorted(q.name for q in p.iterdir()) == [".metadata", "COMPLETE.json", "__0_0.distcp", "extra.pt",
-                                                   "rank-00000.pt"]
+    p = _save(
+        tmp_path / "ckpt-000000000002", model, opt, ema=ema, extra={"step": 2, "evals": "[]"}, rank_state={"pos": 16}
+    )
+    assert sorted(q.name for q in p.iterdir()) == [
+        ".metadata",
+        "COMPLETE.json",
+        "__0_0.distcp",
+        "extra.pt",
+        "rank-00000.pt",
+    ]
     assert not any(q.name.startswith(".ckpt") for q in tmp_path.iterdir())  # the temp dir was renamed
     fresh, fresh_opt, fresh_ema = _jobs.make_model(seed=8), None, _jobs.make_model(seed=9)
     fresh_opt = _jobs.make_optimizer(fresh)
@@ -114,8 +120,7 @@ def test_prune_keeps_the_newest(tmp_path):
     (tmp_path / "ckpt-000000000009").mkdir()  # incomplete (a save under way): never counted, never deleted
     gone = prune_checkpoints(tmp_path, keep=2)
     assert [g.name for g in gone] == ["ckpt-000000000001"]
-    assert sorted(q.name for q in tmp_path.iterdir()) == ["ckpt-000000000002", "ckpt-000000000003",
-                                                          "ckpt-000000000009"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ckpt-000000000002", "ckpt-000000000003", "ckpt-000000000009"]
     with pytest.raises(ValueError, match="keep must be an int >= 1"):
         prune_checkpoints(tmp_path, keep=0)
 

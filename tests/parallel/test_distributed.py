@@ -129,8 +129,19 @@ def test_converted_checkpoint_loads_into_timm_strictly(runs, tmp_path):
     timm_kw = {k: v for k, v in _jobs.TIMM.items() if k != "model_name"}
     for suffix in (".pt", ".safetensors"):
         target = tmp_path / f"vit{suffix}"
-        assert main([str(path), str(target), "--timm-model", _jobs.TIMM["model_name"], "--timm-kwargs",
-                     __import__("json").dumps(timm_kw)]) == 0
+        assert (
+            main(
+                [
+                    str(path),
+                    str(target),
+                    "--timm-model",
+                    _jobs.TIMM["model_name"],
+                    "--timm-kwargs",
+                    __import__("json").dumps(timm_kw),
+                ]
+            )
+            == 0
+        )
     sd = torch.load(tmp_path / "vit.pt", weights_only=True)
     vit = timm.create_model(_jobs.TIMM["model_name"], pretrained=False, **timm_kw)
     assert str(vit.load_state_dict(sd, strict=True)) == "<All keys matched successfully>"
@@ -150,8 +161,17 @@ def test_memory_model_counts_fsdp_shards_exactly(runs):
 
     _, res, _ = runs
     kw = {k: v for k, v in _jobs.TIMM.items() if k not in ("model_name", "num_classes")}
-    e = estimate_memory(_jobs.TIMM["model_name"], img_size=32, batch_per_gpu=4, world=WORLD, parallel="fsdp",
-                        activation_checkpointing=False, precision="fp32", num_classes=10, model_kwargs=kw)
+    e = estimate_memory(
+        _jobs.TIMM["model_name"],
+        img_size=32,
+        batch_per_gpu=4,
+        world=WORLD,
+        parallel="fsdp",
+        activation_checkpointing=False,
+        precision="fp32",
+        num_classes=10,
+        model_kwargs=kw,
+    )
     # rank 0 holds the ceil(rows / W) chunk of every parameter, the estimate's (padded) count; the last ranks less
     assert res[0]["shard_bytes"] == {"params": e.params, "grads": e.grads, "optim": e.optim}
     assert all(res[1]["shard_bytes"][k] <= v for k, v in res[0]["shard_bytes"].items())

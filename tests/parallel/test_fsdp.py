@@ -34,8 +34,11 @@ def test_find_blocks_in_vits_convnexts_resnets_and_wrappers():
 
 @pytest.mark.parametrize("name", ["vit", "resnet10t"])
 def test_checkpointed_blocks_give_the_same_outputs_gradients_and_keys(name):
-    make = (lambda: _jobs.make_model()) if name == "vit" else (
-        lambda: (torch.manual_seed(0), timm.create_model("resnet10t", num_classes=10))[1])
+    make = (
+        (lambda: _jobs.make_model())
+        if name == "vit"
+        else (lambda: (torch.manual_seed(0), timm.create_model("resnet10t", num_classes=10))[1])
+    )
     ref, ck = make(), make()
     keys = list(ck.state_dict())
     wrapped = checkpoint_blocks_(ck)
@@ -102,5 +105,6 @@ def test_a_checkpoint_of_a_checkpointed_model_loads_into_a_plain_one(tmp_path):
     plain_opt = _jobs.make_optimizer(plain)
     load_checkpoint(p, model=plain, optimizer=plain_opt)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ck.state_dict().values()))
-    assert _jobs.train(plain, plain_opt, steps=range(1, 2)) == pytest.approx(_jobs.train(ck, opt, steps=range(1, 2)),
-                                                                           rel=1e-6)
+    assert _jobs.train(plain, plain_opt, steps=range(1, 2)) == pytest.approx(
+        _jobs.train(ck, opt, steps=range(1, 2)), rel=1e-6
+    )

@@ -56,11 +56,20 @@ def test_whole_model_estimates_match_measurements_within_one_percent(check):
 
 def test_checkpointing_keeps_only_block_inputs(check):
     """Checkpointed, doubling the depth adds 2 block inputs (B * N * D); un-checkpointed it adds 2 whole blocks."""
-    get = lambda mode, depth, ac, how: next(r["measured"] for r in check if r["mode"] == mode  # noqa: E731
-                                            and r["depth"] == depth and r["pool"] == "token" and r["ac"] == ac
-                                            and r["how"] == how)
+    get = lambda mode, depth, ac, how: next(
+        r["measured"]
+        for r in check
+        if r["mode"] == mode  # noqa: E731
+        and r["depth"] == depth
+        and r["pool"] == "token"
+        and r["ac"] == ac
+        and r["how"] == how
+    )
     tokens, dim = 4 * 17, 32
-    assert get("fp32", 4, True, "alive after forward") - get("fp32", 2, True, "alive after forward") == 2 * tokens * dim * 4
+    assert (
+        get("fp32", 4, True, "alive after forward") - get("fp32", 2, True, "alive after forward")
+        == 2 * tokens * dim * 4
+    )
     per_block = next(r["measured"] for r in check if r["mode"] == "fp32" and r["depth"] == "1 block")
     assert get("fp32", 4, False, "saved tensors") - get("fp32", 2, False, "saved tensors") == 2 * per_block
 
@@ -83,8 +92,11 @@ def test_convnet_meta_trace_equals_the_real_forward(bench):
 
 def test_paper_models_parameter_counts_and_orderings():
     kw = dict(img_size=224, batch_per_gpu=64, world=64, precision="bf16")
-    g = {(p, ac): estimate_memory("vit_giant_patch14_224", parallel=p, activation_checkpointing=ac, **kw)
-         for p in ("ddp", "fsdp") for ac in (False, True)}
+    g = {
+        (p, ac): estimate_memory("vit_giant_patch14_224", parallel=p, activation_checkpointing=ac, **kw)
+        for p in ("ddp", "fsdp")
+        for ac in (False, True)
+    }
     assert 1.0e9 < g["ddp", False].n_params < 1.02e9 and g["ddp", False].tokens == 257
     assert g["ddp", False].params == 4 * g["ddp", False].n_params
     assert g["fsdp", False].params < g["ddp", False].params / 60  # 1/64 of it, plus padding
@@ -106,12 +118,23 @@ def test_block_formula_by_hand():
         vit_block_bytes_per_token(dim=8, mlp_hidden=32, heads=1, mode="fp16")
 
 
-@pytest.mark.parametrize("bad", [dict(world=0), dict(batch_per_gpu=1.5), dict(parallel="zero3"),
-                                 dict(precision="fp16")])
+@pytest.mark.parametrize(
+    "bad", [dict(world=0), dict(batch_per_gpu=1.5), dict(parallel="zero3"), dict(precision="fp16")]
+)
 def test_estimate_rejects_bad_arguments(bad):
-    kw = dict(img_size=32, batch_per_gpu=2, world=1, parallel="ddp", activation_checkpointing=False,
-              precision="fp32", num_classes=10, model_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
-                                                                  num_heads=2)) | bad
+    kw = (
+        dict(
+            img_size=32,
+            batch_per_gpu=2,
+            world=1,
+            parallel="ddp",
+            activation_checkpointing=False,
+            precision="fp32",
+            num_classes=10,
+            model_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2),
+        )
+        | bad
+    )
     with pytest.raises(ValueError):
         estimate_memory("vit_tiny_patch16_224", **kw)
 

@@ -12,7 +12,7 @@ import torch
 
 from advtrain.training import load_latest_checkpoint
 from recipes.advxl import train
-from recipes.advxl.config import (Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, override, preset)
+from recipes.advxl.config import Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, override, preset
 from recipes.advxl.launch import parse
 from tests.gloo import spawn_gloo
 
@@ -25,17 +25,36 @@ def tiny(tmp_path, **run) -> TrainConfig:
     cfg = preset("embedded")
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                                                         img_size=32, global_pool="avg", class_token=False)),
-        stages=(Stage(name="coarse", samples=128, img_size=16, reducer="resize",
-                      attack=Attack(eps=0.1, step_size=0.1, steps=1), warmup_samples=32),
-                Stage(name="fine", samples=64, img_size=32, attack=Attack(eps=0.1, step_size=0.05, steps=2))),
+        model=dataclasses.replace(
+            cfg.model,
+            kwargs=dict(
+                patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32, global_pool="avg", class_token=False
+            ),
+        ),
+        stages=(
+            Stage(
+                name="coarse",
+                samples=128,
+                img_size=16,
+                reducer="resize",
+                attack=Attack(eps=0.1, step_size=0.1, steps=1),
+                warmup_samples=32,
+            ),
+            Stage(name="fine", samples=64, img_size=32, attack=Attack(eps=0.1, step_size=0.05, steps=2)),
+        ),
         optim=Optim(lr=2e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0),
         augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.0, cutmix=0.0, crop_scale=(0.7, 1.0), hflip=True),
         data=dataclasses.replace(cfg.data, crop_pct=1.0, batch_size=32, val_samples=64),
         eval=dataclasses.replace(cfg.eval, pgd_steps=3),
-        run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run"), checkpoint_every=64, log_every=1,
-                                compare_standard=False, threads=1, **run),
+        run=dataclasses.replace(
+            cfg.run,
+            out_dir=str(tmp_path / "run"),
+            checkpoint_every=64,
+            log_every=1,
+            compare_standard=False,
+            threads=1,
+            **run,
+        ),
     )
 
 
@@ -67,11 +86,14 @@ def test_overrides_are_dotted_and_typed():
         override(cfg, ['stages.0.samples="many"'])
 
 
-@pytest.mark.parametrize("stages, match", [
-    ((), "empty"),
-    ((Stage(name="a", samples=10, img_size=32), Stage(name="b", samples=10, img_size=16)), "coarse to fine"),
-    ((Stage(name="a", samples=10, img_size=16), Stage(name="a", samples=10, img_size=32)), "unique"),
-])
+@pytest.mark.parametrize(
+    "stages, match",
+    [
+        ((), "empty"),
+        ((Stage(name="a", samples=10, img_size=32), Stage(name="b", samples=10, img_size=16)), "coarse to fine"),
+        ((Stage(name="a", samples=10, img_size=16), Stage(name="a", samples=10, img_size=32)), "unique"),
+    ],
+)
 def test_stage_lists_are_checked(stages, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(stages=stages)
@@ -99,20 +121,43 @@ def _shard(path, members: dict[str, bytes]):
             tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="vit_tiniest_patch16")),
-     ValueError, "unknown timm model"),
-    (lambda c, t: dataclasses.replace(c, stages=(dataclasses.replace(c.stages[0], img_size=20),) + c.stages[1:]),
-     ValueError, "not divisible by the patch size"),
-    (lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"))),
-     FileNotFoundError, "does not exist"),
-    (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards"))),
-     ValueError, r"'train': sample '000' .*no label \(needs \.cls"),
-    (lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards")), clip_text=ClipText(tower="tiny")),
-     ValueError, r"'train': sample '000' .*no caption \(needs \.txt.*'val': .*no label \(needs \.cls"),
-    (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, norms=("linf", "l3"))),
-     ValueError, "eval.norms must be some of"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (
+            lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="vit_tiniest_patch16")),
+            ValueError,
+            "unknown timm model",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, stages=(dataclasses.replace(c.stages[0], img_size=20),) + c.stages[1:]),
+            ValueError,
+            "not divisible by the patch size",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"))),
+            FileNotFoundError,
+            "does not exist",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, data=Data(kind="wds", path=str(t / "shards"))),
+            ValueError,
+            r"'train': sample '000' .*no label \(needs \.cls",
+        ),
+        (
+            lambda c, t: dataclasses.replace(
+                c, data=Data(kind="wds", path=str(t / "shards")), clip_text=ClipText(tower="tiny")
+            ),
+            ValueError,
+            r"'train': sample '000' .*no caption \(needs \.txt.*'val': .*no label \(needs \.cls",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, norms=("linf", "l3"))),
+            ValueError,
+            "eval.norms must be some of",
+        ),
+    ],
+)
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
     (tmp_path / "shards").mkdir()
     for split in ("train", "val"):
@@ -141,8 +186,14 @@ def test_launch_reports_configuration_errors_cleanly(capsys):
 # (train_transform: RandomResizedCrop, bicubic, timm's ratio range, timm RandAugment) instead of resizing a 32 px
 # crop on the batch. With augmentation off and a single 32 px stage the old and new data paths give bit-identical
 # losses, so the change is the augmentation and the stage-1 crop.
-PINNED = [2.682999610900879, 2.6660826206207275, 2.5698482990264893, 2.499861240386963, 2.5607380867004395,
-          2.5043158531188965]
+PINNED = [
+    2.682999610900879,
+    2.6660826206207275,
+    2.5698482990264893,
+    2.499861240386963,
+    2.5607380867004395,
+    2.5043158531188965,
+]
 
 
 @pytest.mark.slow
@@ -265,8 +316,11 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
 def test_token_mask_stages_run(tmp_path, reducer):
     cfg = tiny(tmp_path)
     coarse = dataclasses.replace(cfg.stages[0], img_size=32, reducer=reducer, keep_ratio=0.5, samples=64)
-    cfg = dataclasses.replace(cfg, stages=(coarse, cfg.stages[1]), model=dataclasses.replace(
-        cfg.model, kwargs={**cfg.model.kwargs, "patch_size": 4}))
+    cfg = dataclasses.replace(
+        cfg,
+        stages=(coarse, cfg.stages[1]),
+        model=dataclasses.replace(cfg.model, kwargs={**cfg.model.kwargs, "patch_size": 4}),
+    )
     out = train.main(cfg)
     assert out["finished"] and len(out["evals"]) == 2
 
@@ -274,8 +328,11 @@ def test_token_mask_stages_run(tmp_path, reducer):
 @pytest.mark.slow
 def test_clip_text_mode_trains_and_evaluates_through_the_text_classifier(tmp_path):
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
-                              model=dataclasses.replace(cfg.model, num_classes=32))
+    cfg = dataclasses.replace(
+        cfg,
+        clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
+        model=dataclasses.replace(cfg.model, num_classes=32),
+    )
     out = train.main(cfg)
     assert out["finished"]
     assert all(0 <= e["clean"] <= 1 for e in out["evals"])
@@ -301,10 +358,13 @@ def test_clip_text_mode_reads_image_text_shards_without_labels(tmp_path):
                     members[f"{split}{s}_{i:03d}.cls"] = str(i % 10).encode()
             _shard(tmp_path / f"{split}-{s:04d}.tar.gz", members)
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
-                              model=dataclasses.replace(cfg.model, num_classes=32),
-                              data=Data(kind="wds", path=str(tmp_path), batch_size=32, num_workers=0, val_samples=32),
-                              eval=dataclasses.replace(cfg.eval, resolutions=()))
+    cfg = dataclasses.replace(
+        cfg,
+        clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of the digit {}.",)),
+        model=dataclasses.replace(cfg.model, num_classes=32),
+        data=Data(kind="wds", path=str(tmp_path), batch_size=32, num_workers=0, val_samples=32),
+        eval=dataclasses.replace(cfg.eval, resolutions=()),
+    )
     out = train.main(cfg)
     assert out["finished"] and all(0 <= e["clean"] <= 1 for e in out["evals"])
 
@@ -314,8 +374,12 @@ def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
     cfg = tiny(tmp_path)
     src = train.build_model(cfg)  # trained at 32 px: a 4x4 grid of /8 patches
     torch.save(src.state_dict(), tmp_path / "clean.pt")
-    big = dataclasses.replace(cfg.model, kwargs={**cfg.model.kwargs, "img_size": 64, "dynamic_img_size": False},
-                              num_classes=7, init=str(tmp_path / "clean.pt"))
+    big = dataclasses.replace(
+        cfg.model,
+        kwargs={**cfg.model.kwargs, "img_size": 64, "dynamic_img_size": False},
+        num_classes=7,
+        init=str(tmp_path / "clean.pt"),
+    )
     dst = train.build_model(dataclasses.replace(cfg, model=big))
     logs = []
     train.load_init_weights(dataclasses.replace(cfg, model=big), dst, logs.append)
@@ -329,8 +393,11 @@ def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
 @pytest.mark.slow
 def test_convstem_model_and_test_time_resolution_sweep(tmp_path):
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stem="conv"),
-                              eval=dataclasses.replace(cfg.eval, resolutions=(32, 48, 64)))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, stem="conv"),
+        eval=dataclasses.replace(cfg.eval, resolutions=(32, 48, 64)),
+    )
     model = train.build_model(cfg)
     assert model.inner.patch_embed.proj.__class__.__name__ == "ConvStem"
     out = train.main(cfg)
@@ -343,7 +410,9 @@ def test_convstem_model_and_test_time_resolution_sweep(tmp_path):
 @pytest.mark.slow
 def test_apgd_training_attack(tmp_path):
     cfg = tiny(tmp_path)
-    stages = tuple(dataclasses.replace(s, attack=dataclasses.replace(s.attack, kind="apgd", steps=2)) for s in cfg.stages)
+    stages = tuple(
+        dataclasses.replace(s, attack=dataclasses.replace(s.attack, kind="apgd", steps=2)) for s in cfg.stages
+    )
     out = train.main(dataclasses.replace(cfg, stages=stages))
     assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
 
@@ -421,8 +490,9 @@ def test_evaluation_is_float32_under_bf16_and_autoattack_takes_a_stratified_subs
     real = train.recipe_eval
     monkeypatch.setattr(train, "recipe_eval", recording)
     cfg = tiny(tmp_path, precision="bf16")
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eps=0.3, norms=("linf", "l2"), l2_eps=8.0,
-                                                            autoattack_samples=20))
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, eps=0.3, norms=("linf", "l2"), l2_eps=8.0, autoattack_samples=20)
+    )
     out = train.main(cfg)
     assert seen and set(seen) == {(False, torch.float32)}  # training ran bf16 autocast; evaluation never did
     e = out["evals"][-1]

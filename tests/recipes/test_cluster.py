@@ -16,13 +16,42 @@ from tests.recipes.test_advxl import tiny
 
 
 def test_options_become_executor_parameters():
-    _, args = advxl_launch.parse(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task",
-                                  "12", "--partition", "gpu", "--account", "proj", "--time", "2880", "--mem-gb", "400",
-                                  "--sbatch", "qos=high", "--sbatch=--mem-per-gpu=80G"])
+    _, args = advxl_launch.parse(
+        [
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--cpus-per-task",
+            "12",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--time",
+            "2880",
+            "--mem-gb",
+            "400",
+            "--sbatch",
+            "qos=high",
+            "--sbatch=--mem-per-gpu=80G",
+        ]
+    )
     p = cluster.executor_parameters(args, name="advxl")
-    assert p == dict(name="advxl", timeout_min=2880, nodes=2, tasks_per_node=8, gpus_per_node=8, cpus_per_task=12,
-                     mem_gb=400, slurm_partition="gpu", slurm_account="proj",
-                     slurm_additional_parameters={"qos": "high", "mem_per_gpu": "80G"})
+    assert p == dict(
+        name="advxl",
+        timeout_min=2880,
+        nodes=2,
+        tasks_per_node=8,
+        gpus_per_node=8,
+        cpus_per_task=12,
+        mem_gb=400,
+        slurm_partition="gpu",
+        slurm_account="proj",
+        slurm_additional_parameters={"qos": "high", "mem_per_gpu": "80G"},
+    )
 
 
 def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path):
@@ -46,13 +75,16 @@ def test_cpu_job_asks_for_no_gpus():
     assert p["tasks_per_node"] == 2 and "gpus_per_node" not in p  # "--gpus-per-node=0" is rejected without gres
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--cluster", "slurm", "--gpus-per-node", "4", "--tasks-per-node", "2"], "one process per GPU"),
-    (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
-    (["--cluster", "local", "--partition", "gpu"], "--cluster slurm only"),
-    (["--cluster", "slurm", "--sbatch", "qos"], "KEY=VALUE"),
-    (["--cluster", "slurm", "--time", "0"], "--time must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--cluster", "slurm", "--gpus-per-node", "4", "--tasks-per-node", "2"], "one process per GPU"),
+        (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
+        (["--cluster", "local", "--partition", "gpu"], "--cluster slurm only"),
+        (["--cluster", "slurm", "--sbatch", "qos"], "KEY=VALUE"),
+        (["--cluster", "slurm", "--time", "0"], "--time must be >= 1"),
+    ],
+)
 def test_bad_options_are_refused_by_name(argv, match):
     _, args = advxl_launch.parse(argv)
     with pytest.raises(ValueError, match=match):
@@ -61,8 +93,17 @@ def test_bad_options_are_refused_by_name(argv, match):
 
 def test_batch_that_does_not_split_over_the_processes_exits_before_submitting(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        advxl_launch.main(["--cluster", "slurm", "--tasks-per-node", "3", "--job-dir", str(tmp_path / "jobs"),
-                           f"run.out_dir={json.dumps(str(tmp_path / 'run'))}"])
+        advxl_launch.main(
+            [
+                "--cluster",
+                "slurm",
+                "--tasks-per-node",
+                "3",
+                "--job-dir",
+                str(tmp_path / "jobs"),
+                f"run.out_dir={json.dumps(str(tmp_path / 'run'))}",
+            ]
+        )
     assert "must divide evenly over 3 processes" in str(exc.value)
     assert not (tmp_path / "jobs").exists()  # nothing was submitted
 
@@ -70,17 +111,46 @@ def test_batch_that_does_not_split_over_the_processes_exits_before_submitting(tm
 @pytest.mark.parametrize("launcher, recipe", [(advxl_launch, "advxl"), (fast_launch, "fast_advprop")])
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(launcher, recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    launcher.main(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
-                   "--partition", "gpu", "--account", "proj", "--time", "120", "--sbatch", "qos=high",
-                   "--sbatch=--mem-per-gpu=80G", "--dry-run",
-                   "run.out_dir=\"runs/x\""])
+    launcher.main(
+        [
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--cpus-per-task",
+            "8",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--time",
+            "120",
+            "--sbatch",
+            "qos=high",
+            "--sbatch=--mem-per-gpu=80G",
+            "--dry-run",
+            'run.out_dir="runs/x"',
+        ]
+    )
     out = capsys.readouterr().out
     head, script = out.split("# sbatch script that would be submitted:")
     info = json.loads(head)
     assert info["world_size"] == 8 and info["config"]["run"]["out_dir"] == str(tmp_path / "runs" / "x")  # absolute
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
-                 "#SBATCH --time=120", "#SBATCH --qos=high", "#SBATCH --mem-per-gpu=80G", f"#SBATCH --job-name={recipe}", "#SBATCH --signal=USR2@"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=120",
+        "#SBATCH --qos=high",
+        "#SBATCH --mem-per-gpu=80G",
+        f"#SBATCH --job-name={recipe}",
+        "#SBATCH --signal=USR2@",
+    ):
         assert line in script, line
     assert "srun" in script and "submitit.core._submit" in script
     assert not (tmp_path / "runs").exists()
@@ -125,15 +195,16 @@ def test_a_refused_submission_exits_with_the_reason(tmp_path, monkeypatch):
     fake = tmp_path / "bin"
     fake.mkdir()
     sbatch = fake / "sbatch"  # an sbatch that refuses, as one does when the controller is down
-    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name' >&2\n"
-                      "exit 1\n")
+    sbatch.write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name' >&2\nexit 1\n"
+    )
     sbatch.chmod(0o755)
     srun = fake / "srun"  # submitit only builds a SLURM executor where srun exists; this machine may have none
     srun.write_text("#!/bin/sh\nexit 0\n")
     srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
     with pytest.raises(SystemExit) as exc:
-        advxl_launch.main(["--cluster", "slurm", "--partition", "nope", f"run.out_dir=\"{tmp_path / 'run'}\""])
+        advxl_launch.main(["--cluster", "slurm", "--partition", "nope", f'run.out_dir="{tmp_path / "run"}"'])
     assert "could not submit the advxl job" in str(exc.value) and "Invalid partition name" in str(exc.value)
 
 
@@ -141,8 +212,8 @@ def test_without_srun_a_dry_run_still_prints_the_script_and_a_submission_says_wh
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # a laptop: no SLURM client at all
-    advxl_launch.main(["--cluster", "slurm", "--partition", "gpu", "--dry-run", f"run.out_dir=\"{tmp_path / 'run'}\""])
+    advxl_launch.main(["--cluster", "slurm", "--partition", "gpu", "--dry-run", f'run.out_dir="{tmp_path / "run"}"'])
     assert "#SBATCH --partition=gpu" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        advxl_launch.main(["--cluster", "slurm", f"run.out_dir=\"{tmp_path / 'run'}\""])
+        advxl_launch.main(["--cluster", "slurm", f'run.out_dir="{tmp_path / "run"}"'])
     assert "could not set up a slurm submission of advxl" in str(exc.value) and "srun" in str(exc.value)

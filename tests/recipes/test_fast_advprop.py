@@ -13,11 +13,24 @@ from torch import nn
 
 from advtrain import cross_entropy
 from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
-from advtrain.training import load_latest_checkpoint
 from advtrain.data import TensorSource
+from advtrain.training import load_latest_checkpoint
 from recipes.fast_advprop import train
-from recipes.fast_advprop.config import (Adv, Augment, Data, Eval, Optim, TrainConfig, cost_per_epoch, from_dict,
-                                         lr_at, override, preset, run_epochs, split_counts)
+from recipes.fast_advprop.config import (
+    Adv,
+    Augment,
+    Data,
+    Eval,
+    Optim,
+    TrainConfig,
+    cost_per_epoch,
+    from_dict,
+    lr_at,
+    override,
+    preset,
+    run_epochs,
+    split_counts,
+)
 from recipes.fast_advprop.launch import baselines, parse
 from tests.gloo import spawn_gloo
 
@@ -37,18 +50,30 @@ def tiny(tmp_path, method="fast_advprop", **run) -> TrainConfig:
         adv=Adv(p_adv=0.2, eps=eps, step_size=eps, steps=1, advprop_steps=5, beta=0.5, bn_groups=2),
         optim=Optim(lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=3.0, milestones=(1.5,), gamma=0.1),
         augment=Augment(crop_scale=(0.7, 1.0), hflip=True),
-        data=Data(kind="digits", img_size=32, crop_pct=1.0, batch_size=20, num_workers=0, val_samples=32,
-                  train_size=40),
-        eval=Eval(eps=eps, pgd_steps=2, pgd_step_size=eps / 2, corruptions=("gaussian_noise", "contrast"),
-                  severities=(1, 5), corruption_samples=8),
-        run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run"), checkpoint_every=40, log_every=1,
-                                compare=False, threads=1, **run),
+        data=Data(
+            kind="digits", img_size=32, crop_pct=1.0, batch_size=20, num_workers=0, val_samples=32, train_size=40
+        ),
+        eval=Eval(
+            eps=eps,
+            pgd_steps=2,
+            pgd_step_size=eps / 2,
+            corruptions=("gaussian_noise", "contrast"),
+            severities=(1, 5),
+            corruption_samples=8,
+        ),
+        run=dataclasses.replace(
+            cfg.run, out_dir=str(tmp_path / "run"), checkpoint_every=40, log_every=1, compare=False, threads=1, **run
+        ),
     )
 
 
 def with_method(cfg: TrainConfig, label: str) -> TrainConfig:
-    method, steps = {"fast_advprop": ("fast_advprop", 5), "vanilla": ("vanilla", 5), "advprop_pgd5": ("advprop", 5),
-                     "advprop_pgd1": ("advprop", 1)}[label]
+    method, steps = {
+        "fast_advprop": ("fast_advprop", 5),
+        "vanilla": ("vanilla", 5),
+        "advprop_pgd5": ("advprop", 5),
+        "advprop_pgd1": ("advprop", 1),
+    }[label]
     return dataclasses.replace(cfg, method=method, adv=dataclasses.replace(cfg.adv, advprop_steps=steps))
 
 
@@ -62,8 +87,13 @@ def losses(run_dir) -> list[float]:
 
 def test_paper_setting_in_the_imagenet_preset():
     cfg = preset("imagenet_resnet50")
-    assert (cfg.method, cfg.model.name, cfg.adv.p_adv, cfg.adv.steps, cfg.adv.beta) == ("fast_advprop", "resnet50",
-                                                                                       0.2, 1, 0.5)
+    assert (cfg.method, cfg.model.name, cfg.adv.p_adv, cfg.adv.steps, cfg.adv.beta) == (
+        "fast_advprop",
+        "resnet50",
+        0.2,
+        1,
+        0.5,
+    )
     assert cfg.adv.eps == cfg.adv.step_size == 1 / 255 and cfg.adv.random_start and cfg.adv.shuffle_bn
     o = cfg.optim
     assert (o.lr, o.momentum, o.weight_decay, o.epochs, o.milestones) == (0.1, 0.9, 1e-4, 105, (30, 60, 90, 100))
@@ -79,7 +109,8 @@ def test_paper_setting_in_the_imagenet_preset():
 def test_step_schedule_is_calibrated_by_the_cost():
     cfg = preset("imagenet_resnet50")  # Fast AdvProp: milestones 30, 60, 90, 100 / 1.2 = 25, 50, 75, 83.3
     assert [lr_at(cfg, e) for e in (0, 24.99, 25, 49.9, 50, 75, 83.4)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-5])
+        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-5]
+    )
     vanilla = dataclasses.replace(cfg, method="vanilla")
     assert lr_at(vanilla, 29.9) == 0.1 and lr_at(vanilla, 30) == pytest.approx(0.01)
     same_epochs = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, calibrate=False))
@@ -122,13 +153,16 @@ def test_overrides_are_dotted_and_typed():
         from_dict(TrainConfig, {"methods": "vanilla"})
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(p_adv=0.0), r"p_adv: 0.0 is not in \(0, 1\]"),
-    (dict(p_adv=1.5), r"p_adv: 1.5 is not in \(0, 1\]"),
-    (dict(beta=0.0), "beta"),
-    (dict(steps=0), "steps"),
-    (dict(bn_groups=0), "bn_groups"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(p_adv=0.0), r"p_adv: 0.0 is not in \(0, 1\]"),
+        (dict(p_adv=1.5), r"p_adv: 1.5 is not in \(0, 1\]"),
+        (dict(beta=0.0), "beta"),
+        (dict(steps=0), "steps"),
+        (dict(bn_groups=0), "bn_groups"),
+    ],
+)
 def test_adversarial_values_are_checked(change, match):
     with pytest.raises(ValueError, match=match):
         Adv(**change)
@@ -148,27 +182,62 @@ def test_optimizer_and_eval_values_are_checked():
 # ------------------------------------------------------------------------------------------------ bad config
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnet10q")),
-     ValueError, "unknown timm model"),
-    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="vit_tiny_patch16_224", kwargs={})),
-     ValueError, "no BatchNorm"),
-    (lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnetv2_18", kwargs={})),
-     ValueError, "BatchNormAct2d"),
-    (lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, batch_size=21)),
-     ValueError, "whole number of images"),
-    (lambda c, t: dataclasses.replace(c, adv=dataclasses.replace(c.adv, bn_groups=3)),
-     ValueError, "must divide"),
-    (lambda c, t: dataclasses.replace(c, method="vanilla", data=dataclasses.replace(c.data, batch_size=21),
-                                      adv=Adv(bn_groups=1), augment=Augment(mixup=0.2)),
-     ValueError, "must be even"),
-    (lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"), batch_size=20)),
-     FileNotFoundError, "does not exist"),
-    (lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, corruptions=("gaussian_noise", "rain"))),
-     ValueError, r"unknown corruptions \['rain'\]"),
-    (lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, img_size=24)),
-     ValueError, "at least 32 px"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (
+            lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnet10q")),
+            ValueError,
+            "unknown timm model",
+        ),
+        (
+            lambda c, t: dataclasses.replace(
+                c, model=dataclasses.replace(c.model, name="vit_tiny_patch16_224", kwargs={})
+            ),
+            ValueError,
+            "no BatchNorm",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, model=dataclasses.replace(c.model, name="resnetv2_18", kwargs={})),
+            ValueError,
+            "BatchNormAct2d",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, batch_size=21)),
+            ValueError,
+            "whole number of images",
+        ),
+        (lambda c, t: dataclasses.replace(c, adv=dataclasses.replace(c.adv, bn_groups=3)), ValueError, "must divide"),
+        (
+            lambda c, t: dataclasses.replace(
+                c,
+                method="vanilla",
+                data=dataclasses.replace(c.data, batch_size=21),
+                adv=Adv(bn_groups=1),
+                augment=Augment(mixup=0.2),
+            ),
+            ValueError,
+            "must be even",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, data=Data(kind="folder", path=str(t / "nowhere"), batch_size=20)),
+            FileNotFoundError,
+            "does not exist",
+        ),
+        (
+            lambda c, t: dataclasses.replace(
+                c, eval=dataclasses.replace(c.eval, corruptions=("gaussian_noise", "rain"))
+            ),
+            ValueError,
+            r"unknown corruptions \['rain'\]",
+        ),
+        (
+            lambda c, t: dataclasses.replace(c, data=dataclasses.replace(c.data, img_size=24)),
+            ValueError,
+            "at least 32 px",
+        ),
+    ],
+)
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
     cfg = change(tiny(tmp_path), tmp_path)
     monkeypatch.setattr(train, "build_model", lambda *_: pytest.fail("training started"))
@@ -220,14 +289,20 @@ def test_fast_advprop_step_equals_a_naive_three_pass_reference_in_float64(tmp_pa
     (grad_x,) = torch.autograd.grad(loss_noisy, x0, retain_graph=True)
     x1 = torch.minimum(torch.maximum(x0.detach() + a.step_size * grad_x.sign(), xa - a.eps), xa + a.eps).clamp(0, 1)
     perm = shuffle_permutation(torch.arange(4) // 2, groups=2, generator=g)  # 2 attack groups of 2 rows, re-dealt
-    objective = (loss_sum("clean", xc, yc, "acc_clean") + a.beta * loss_noisy
-                 + a.beta * loss_sum("adv", x1[perm], ya[perm], "acc_adv"))
+    objective = (
+        loss_sum("clean", xc, yc, "acc_clean")
+        + a.beta * loss_noisy
+        + a.beta * loss_sum("adv", x1[perm], ya[perm], "acc_adv")
+    )
     params = list(ref.parameters())
     grads = torch.autograd.grad(objective, params)
     groups = split_parameters(ref)
     n_clean, n_aux = 16.0, a.beta * 4 + a.beta * 4
-    count = {id(p): n_clean + n_aux for p in groups.shared} | {id(p): n_clean for p in groups.clean} | {
-        id(p): n_aux for p in groups.aux}
+    count = (
+        {id(p): n_clean + n_aux for p in groups.shared}
+        | {id(p): n_clean for p in groups.clean}
+        | {id(p): n_aux for p in groups.aux}
+    )
     assert [sorted((half // 2).tolist()) for half in perm.view(2, 2)] == [[0, 1], [0, 1]]  # groups re-dealt
     for p, new, gr in zip(params, model.parameters(), grads):
         torch.testing.assert_close(new, p - gr / count[id(p)], rtol=1e-9, atol=1e-12)
@@ -256,8 +331,14 @@ PINNED = {
     # and new data paths give bit-identical losses for fast_advprop and vanilla, so the change is the augmentation.
     # Steps 0-1 agree across CPUs to 1e-7; later steps drift by up to ~0.02 (sign steps amplify float32 rounding)
     "fast_advprop": [2.2340747594833372, 2.535290741920471, 2.4148202657699587, 2.454950475692749, 2.4813968181610107],
-    "vanilla": [2.2242159843444824, 2.498225212097168, 2.422764539718628, 2.2097177505493164, 2.3415212631225586,
-                2.2675836086273193],
+    "vanilla": [
+        2.2242159843444824,
+        2.498225212097168,
+        2.422764539718628,
+        2.2097177505493164,
+        2.3415212631225586,
+        2.2675836086273193,
+    ],
     "advprop_pgd5": [2.534938430786133],
     "advprop_pgd1": [2.4716772079467773, 2.644757080078125],
 }
@@ -289,7 +370,8 @@ def test_smoke_run_with_pinned_losses_and_run_directory(tmp_path, label):
     if cfg.method == "fast_advprop":
         assert {"loss_clean", "loss_noisy", "loss_adv"} <= set(rows[0])
     passes = {"fast_advprop": {"acc_clean", "acc_noisy", "acc_adv"}, "vanilla": {"acc_clean"}}.get(
-        cfg.method, {"acc_clean", "acc_adv"})
+        cfg.method, {"acc_clean", "acc_adv"}
+    )
     for r in (r for r in rows if r["kind"] == "train"):
         assert {k for k in r if k.startswith("acc_")} == passes and all(0 <= r[k] <= 1 for k in passes)
 
@@ -346,8 +428,12 @@ def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_librar
     from imagecorruptions import corrupt
 
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=("brightness", "impulse_noise"),
-                                                            severities=(1, 5), corruption_samples=None))
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(
+            cfg.eval, corruptions=("brightness", "impulse_noise"), severities=(1, 5), corruption_samples=None
+        ),
+    )
     images = torch.randint(40, 120, (6, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     model = MeanBrightness()
     labels = model(images.float() / 255).argmax(1)  # clean error 0
@@ -378,8 +464,11 @@ def _ddp_worker(rank: int, out_dir: str):
 
     cfg = tiny(pathlib.Path(out_dir))
     # 40 a step, 20 per rank: 16 clean + 4 attacked in 2 BN groups on each rank
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corruptions=()),
-                              data=dataclasses.replace(cfg.data, batch_size=40, train_size=80))
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, corruptions=()),
+        data=dataclasses.replace(cfg.data, batch_size=40, train_size=80),
+    )
     per_step, step_fn = [], train.train_step
 
     def recorded(*args, **kwargs):  # this rank's own (local) losses and accuracies of every step
@@ -413,8 +502,7 @@ def test_two_process_gloo_run_shuffles_across_ranks_and_keeps_ranks_in_lockstep(
 
 @pytest.mark.slow
 def test_bf16_autocast_run(tmp_path):
-    out = train.main(dataclasses.replace(tiny(tmp_path), run=dataclasses.replace(tiny(tmp_path).run,
-                                                                                  precision="bf16")))
+    out = train.main(dataclasses.replace(tiny(tmp_path), run=dataclasses.replace(tiny(tmp_path).run, precision="bf16")))
     assert out["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
     assert all(v.dtype != torch.bfloat16 for v in out["final_weights"].values())  # autocast, not a bf16 model
 
@@ -422,8 +510,11 @@ def test_bf16_autocast_run(tmp_path):
 @pytest.mark.parametrize("method", ["fast_advprop", "advprop"])
 def test_mixup_and_cutmix_touch_only_the_clean_images(tmp_path, monkeypatch, method):
     cfg = tiny(tmp_path, method=method)
-    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, mixup=0.2, cutmix=1.0),
-                              data=dataclasses.replace(cfg.data, batch_size=20))
+    cfg = dataclasses.replace(
+        cfg,
+        augment=dataclasses.replace(cfg.augment, mixup=0.2, cutmix=1.0),
+        data=dataclasses.replace(cfg.data, batch_size=20),
+    )
     passes, real_pass = [], train.train_pass
 
     def spy(cfg_, model, raw, x, y, *, route, **kw):
@@ -474,9 +565,13 @@ def test_streamed_shards_with_bad_samples_train_and_count_them(tmp_path):
                 del samples["train0_005"]["cls"]
             _jpeg_shard(tmp_path / f"{split}-{s:04d}.tar", samples)
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, data=Data(kind="wds", path=str(tmp_path), img_size=32, batch_size=20, num_workers=0,
-                                             val_samples=20, train_size=40),
-                              eval=dataclasses.replace(cfg.eval, corruptions=()))
+    cfg = dataclasses.replace(
+        cfg,
+        data=Data(
+            kind="wds", path=str(tmp_path), img_size=32, batch_size=20, num_workers=0, val_samples=20, train_size=40
+        ),
+        eval=dataclasses.replace(cfg.eval, corruptions=()),
+    )
     train.main(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["kind"] == "train"][-1]

@@ -57,12 +57,24 @@ FAULTS = [
     ("advxl", "data.num_workers=-1", "data.num_workers: -1 is not an int >= 0"),
     ("advxl", "data.batch_size=0", "data.batch_size: 0 is not an int >= 1"),
     ("advxl", "stages.0.attack.eps=2.0", "stages.0.attack.eps: 2.0 is not an l_inf radius"),
-    ("advxl", "stages.1.attack.step_size=4", ("stages.1.attack.step_size: 4.0 is not an l_inf radius in (0, 1) "
-                                              "(pixels in [0, 1]); did you mean 4/255 = 0.015686?")),
-    ("advxl", 'stages.1.attack={"norm": "l2", "eps": 100, "step_size": 1, "steps": 3}',
-     "stages.1.attack.eps: 100.0 is not an l_2 radius in [0, 64]"),
-    ("advxl", 'stages.1.attack={"norm": "l1", "eps": 5000, "step_size": 1, "steps": 3}',
-     "stages.1.attack.eps: 5000.0 is not an l_1 radius in [0, 4096]"),
+    (
+        "advxl",
+        "stages.1.attack.step_size=4",
+        (
+            "stages.1.attack.step_size: 4.0 is not an l_inf radius in (0, 1) "
+            "(pixels in [0, 1]); did you mean 4/255 = 0.015686?"
+        ),
+    ),
+    (
+        "advxl",
+        'stages.1.attack={"norm": "l2", "eps": 100, "step_size": 1, "steps": 3}',
+        "stages.1.attack.eps: 100.0 is not an l_2 radius in [0, 64]",
+    ),
+    (
+        "advxl",
+        'stages.1.attack={"norm": "l1", "eps": 5000, "step_size": 1, "steps": 3}',
+        "stages.1.attack.eps: 5000.0 is not an l_1 radius in [0, 4096]",
+    ),
     ("advxl", "stages.0.attack.steps=-2", "stages.0.attack.steps: -2 is not an int >= 0"),
     ("advxl", "stages.0.samples=0", "stages.0.samples: 0 is not an int >= 1"),
     ("advxl", "stages.1.img_size=34", "stages.1.img_size: 34 is not divisible by the patch size 4"),
@@ -82,13 +94,19 @@ FAULTS = [
     ("advxl", "run.device=gpu", "run.device: 'gpu' is not null, 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("advxl", "run.seed=-1", "run.seed: -1 is not an int >= 0"),
     ("advxl", "run.precision=fp16", "run.precision: 'fp16' is not one of ('fp32', 'bf16')"),
-    ("advxl", 'clip_text={"tower": "t", "pretrained": null, "templates": ["no slot"]}',
-     "clip_text.templates.0: 'no slot' is not a template with a {} for the class name"),
+    (
+        "advxl",
+        'clip_text={"tower": "t", "pretrained": null, "templates": ["no slot"]}',
+        "clip_text.templates.0: 'no slot' is not a template with a {} for the class name",
+    ),
     ("advxl", "stages.7.samples=1", "stages has no item '7' (it has 2)"),
     ("advxl", "optim.learning_rate=1", "no field 'learning_rate' in optim"),
     ("fast_advprop", "adv.eps=2.0", "adv.eps: 2.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean"),
-    ("fast_advprop", "adv.eps=8", ("adv.eps: 8.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean "
-                                   "8/255 = 0.031373?")),
+    (
+        "fast_advprop",
+        "adv.eps=8",
+        ("adv.eps: 8.0 is not an l_inf radius in (0, 1) (pixels in [0, 1]); did you mean 8/255 = 0.031373?"),
+    ),
     ("fast_advprop", "adv.step_size=0", "adv.step_size: 0.0 is not an l_inf radius in (0, 1)"),
     ("fast_advprop", "adv.p_adv=1.5", "adv.p_adv: 1.5 is not in (0, 1]"),
     ("fast_advprop", "adv.beta=0", "adv.beta: 0.0 is not a finite number > 0"),
@@ -141,12 +159,15 @@ def test_bf16_falls_back_to_fp32_on_cpu_unless_asked():
     assert precision == "bf16" and warning.startswith("warning:") and "\n" not in warning
 
 
-@pytest.mark.parametrize("recipe, explicit, expected, says", [
-    ("advxl", [], "fp32", "notice: running on CPU, so run.precision falls back"),
-    ("advxl", ["run.precision=bf16"], "bf16", "warning: run.precision=bf16 on CPU as asked"),
-    ("fast_advprop", [], "fp32", "notice: running on CPU, so run.precision falls back"),
-    ("fast_advprop", ["run.precision=bf16"], "bf16", "warning: run.precision=bf16 on CPU as asked"),
-])
+@pytest.mark.parametrize(
+    "recipe, explicit, expected, says",
+    [
+        ("advxl", [], "fp32", "notice: running on CPU, so run.precision falls back"),
+        ("advxl", ["run.precision=bf16"], "bf16", "warning: run.precision=bf16 on CPU as asked"),
+        ("fast_advprop", [], "fp32", "notice: running on CPU, so run.precision falls back"),
+        ("fast_advprop", ["run.precision=bf16"], "bf16", "warning: run.precision=bf16 on CPU as asked"),
+    ],
+)
 def test_a_cpu_run_of_a_bf16_preset_uses_fp32_with_a_notice(recipe, explicit, expected, says, tmp_path, capsys):
     argv = ["--preset", "imagenette224", "--dry-run", "run.device=cpu", f"run.out_dir={json.dumps(str(tmp_path))}"]
     code, out, err = run_launcher(recipe, argv + explicit, capsys)
@@ -164,8 +185,9 @@ def test_help_lists_every_config_section_and_no_rst(recipe, capsys):
     cfg = config.preset("embedded")
     for name, value in vars(cfg).items():
         if hasattr(value, "__dataclass_fields__") or name in ("stages", "clip_text"):
-            section = type(cfg.stages[0]) if name == "stages" else (config.ClipText if name == "clip_text"
-                                                                    else type(value))
+            section = (
+                type(cfg.stages[0]) if name == "stages" else (config.ClipText if name == "clip_text" else type(value))
+            )
             assert set(section.__dataclass_fields__) <= {*sections.get(name, []), *_continued(out, name)}, name
 
 
@@ -184,12 +206,19 @@ def _continued(text: str, name: str) -> list[str]:
 
 @pytest.mark.parametrize("recipe, preset", [("advxl", "imagenet_vit_b16"), ("fast_advprop", "imagenet_resnet50")])
 def test_a_dry_run_needs_no_data_and_says_so(recipe, preset, tmp_path, capsys):
-    argv = ["--preset", preset, "--dry-run", "data.path=\"/no/such/imagenet\"",
-            f"run.out_dir={json.dumps(str(tmp_path))}"]
+    argv = [
+        "--preset",
+        preset,
+        "--dry-run",
+        'data.path="/no/such/imagenet"',
+        f"run.out_dir={json.dumps(str(tmp_path))}",
+    ]
     code, out, err = run_launcher(recipe, argv, capsys)
     assert code == 0 and json.loads(out)["data"]["path"] == "/no/such/imagenet"
-    assert "dry run: config checked, the data and other files not read (data.path '/no/such/imagenet' does not " \
-           "exist" in err
+    assert (
+        "dry run: config checked, the data and other files not read (data.path '/no/such/imagenet' does not "
+        "exist" in err
+    )
     with pytest.raises(SystemExit) as e:  # the real launch refuses it, before anything is built
         launch(recipe).main(argv[:2] + argv[3:])
     assert "configuration error: data.path '/no/such/imagenet' does not exist" in str(e.value)
@@ -211,7 +240,7 @@ def test_the_readme_slurm_examples_preview_without_data_and_give_a_time_limit(re
     argv = shlex.split(command)
     recipe = next(a.split(".")[1] for a in argv if a.startswith("recipes.") and a.endswith(".launch"))
     assert "--time" in argv, f"{readme}: {command}"  # the 60 min default stops an ImageNet job after 4 allocations
-    argv = argv[argv.index(f"recipes.{recipe}.launch") + 1:]
+    argv = argv[argv.index(f"recipes.{recipe}.launch") + 1 :]
     argv = [a for a in argv if not a.startswith("run.out_dir=") and a != "--dry-run"]
     code, out, err = run_launcher(recipe, argv + ["--dry-run", f"run.out_dir={json.dumps(str(tmp_path))}"], capsys)
     assert code == 0, err

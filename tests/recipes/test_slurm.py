@@ -135,13 +135,19 @@ def test_preempted_job_resumes_from_its_checkpoint_and_ends_with_the_same_weight
     ref_dir, _ = reference
     run_dir = tmp_path / "preempted"
     job = submit(embedded(run_dir))
-    first = wait_until("the job's first checkpoint after step 0", lambda: [  # a new run also writes one at step 0
-        p for p in sorted((run_dir / "checkpoints").glob("ckpt-*.pt")) if int(p.stem.split("-")[1]) > 0])
+    first = wait_until(
+        "the job's first checkpoint after step 0",
+        lambda: [  # a new run also writes one at step 0
+            p for p in sorted((run_dir / "checkpoints").glob("ckpt-*.pt")) if int(p.stem.split("-")[1]) > 0
+        ],
+    )
     # preempt through the signal submitit handles (SIGTERM, then USR2): its handler calls RecipeJob.checkpoint
     # and requeues the job with `scontrol requeue`
     job._interrupt()
-    wait_until("the requeued job to be pending",
-               lambda: re.search(r"JobState=PENDING", scontrol_job(job.job_id)) and "Restarts=1" in scontrol_job(job.job_id))
+    wait_until(
+        "the requeued job to be pending",
+        lambda: re.search(r"JobState=PENDING", scontrol_job(job.job_id)) and "Restarts=1" in scontrol_job(job.job_id),
+    )
     # a requeued job waits ~2 minutes (its begin time) unless its StartTime is reset
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True, timeout=30)
     result = cluster.follow(job, poll_s=1.0)
@@ -159,8 +165,17 @@ def test_preempted_job_resumes_from_its_checkpoint_and_ends_with_the_same_weight
 
 
 def test_failing_job_reports_its_error_to_the_launching_command(tmp_path):
-    cmd = [sys.executable, "-m", "recipes.advxl.launch", "--cluster", "slurm", f"run.out_dir=\"{tmp_path / 'bad'}\"",
-           "run.compare_standard=false", "optim.lr=1e12", "optim.clip_grad=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recipes.advxl.launch",
+        "--cluster",
+        "slurm",
+        f'run.out_dir="{tmp_path / "bad"}"',
+        "run.compare_standard=false",
+        "optim.lr=1e12",
+        "optim.clip_grad=null",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=SCHEDULE_TIMEOUT_S)
     assert r.returncode != 0
     assert re.search(r"submitted advxl as job \d+", r.stdout)

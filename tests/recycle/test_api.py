@@ -22,8 +22,13 @@ def test_every_export_exists():
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_docstrings_have_the_house_sections(name):
     doc = inspect.getdoc(getattr(advtrain.recycle, name))
-    for section in ("Args:", "Raises:" if name != "maybe_no_sync" else "Args:", "Example:", "References:",
-                    "Side effects:"):
+    for section in (
+        "Args:",
+        "Raises:" if name != "maybe_no_sync" else "Args:",
+        "Example:",
+        "References:",
+        "Side effects:",
+    ):
         assert section in doc, (name, section)
     assert "Returns:" in doc or name == "scale_grads_", name  # scale_grads_ returns None
 

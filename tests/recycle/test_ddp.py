@@ -35,8 +35,9 @@ def _fast_advprop_grads(model, xc, yc, xa, ya, noise, *, sync_every_pass: bool) 
 
 def _worker(rank: int, init: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))  # fail, never hang
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )  # fail, never hang
     try:
         model = convert_split_bn_(tiny_cnn(seed=0)).double().train()
         local = copy.deepcopy(model)

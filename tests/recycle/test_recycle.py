@@ -24,8 +24,13 @@ def _route(model, route):
     return bn_route(model, split=route) if isinstance(route, tuple) else bn_route(model, route)
 
 
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(2, 6), beta=st.floats(0.01, 4.0),
-       train=st.booleans(), route=st.sampled_from(["clean", "adv", "split"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(2, 6),
+    beta=st.floats(0.01, 4.0),
+    train=st.booleans(),
+    route=st.sampled_from(["clean", "adv", "split"]),
+)
 @settings(max_examples=40)
 def test_recycled_gradients_equal_a_naive_two_pass_computation_in_float64(seed, batch, beta, train, route):
     g = torch.Generator().manual_seed(seed)
@@ -68,9 +73,10 @@ def test_the_recycled_input_gradient_makes_the_fast_advprop_pgd1_step():
     step = recycled_step(model, x, y, torch.zeros_like(x), beta=0.5)
     expected = torch.sign(model.weight[1] - model.weight[0]).detach()
     assert torch.equal(step.grad.sign()[0], expected)
-    torch.testing.assert_close(model.weight.grad, 0.5 * torch.outer(torch.softmax(model(x), 1)[0] -
-                                                                    torch.tensor([1.0, 0.0], dtype=torch.float64),
-                                                                    x[0]).detach())
+    torch.testing.assert_close(
+        model.weight.grad,
+        0.5 * torch.outer(torch.softmax(model(x), 1)[0] - torch.tensor([1.0, 0.0], dtype=torch.float64), x[0]).detach(),
+    )
 
 
 def test_a_frozen_parameter_and_an_unused_one_get_no_gradient():
@@ -87,8 +93,9 @@ def test_a_frozen_parameter_and_an_unused_one_get_no_gradient():
 def test_a_custom_loss_returning_a_scalar_is_the_total():
     model = _model(1).eval()
     x, y = torch.rand(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
-    a = recycled_step(model, x, y, torch.zeros_like(x), beta=1.0, loss_fn=lambda o, t: cross_entropy(o, t,
-                                                                                                       reduction="sum"))
+    a = recycled_step(
+        model, x, y, torch.zeros_like(x), beta=1.0, loss_fn=lambda o, t: cross_entropy(o, t, reduction="sum")
+    )
     grads_a = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     b = recycled_step(model, x, y, torch.zeros_like(x), beta=1.0)
@@ -189,13 +196,15 @@ def test_a_fast_advprop_step_averages_every_parameter_over_the_samples_that_reac
         out = []
         for i in range(xs.shape[0]):
             with bn_route(reference, route):
-                loss = cross_entropy(reference(xs[i:i + 1]), ys[i:i + 1], reduction="sum")
+                loss = cross_entropy(reference(xs[i : i + 1]), ys[i : i + 1], reduction="sum")
             out.append(torch.autograd.grad(loss, list(reference.parameters()), allow_unused=True))
         return out
 
-    contributions = ([(w_c, gr) for gr in per_sample("clean", xc, yc)]
-                     + [(beta, gr) for gr in per_sample("adv", xa + noise, ya)]
-                     + [(w_a, gr) for gr in per_sample("adv", x_adv, ya)])
+    contributions = (
+        [(w_c, gr) for gr in per_sample("clean", xc, yc)]
+        + [(beta, gr) for gr in per_sample("adv", xa + noise, ya)]
+        + [(w_a, gr) for gr in per_sample("adv", x_adv, ya)]
+    )
     groups = split_parameters(reference)
     kind = {id(p): k for k, group in zip(("shared", "clean", "aux"), groups) for p in group}
     counts = {"shared": w_c * 3 + beta * 2 + w_a * 2, "clean": w_c * 3, "aux": beta * 2 + w_a * 2}

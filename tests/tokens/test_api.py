@@ -11,8 +11,17 @@ import pytest
 import advtrain.tokens as tokens
 
 PUBLIC = {
-    "MaskedTokens", "block_mask", "block_shape", "gather_tokens", "num_kept", "random_mask", "resample_vit_",
-    "resize_reduce", "sample_block_indices", "sample_random_indices", "vit_forward_tokens",
+    "MaskedTokens",
+    "block_mask",
+    "block_shape",
+    "gather_tokens",
+    "num_kept",
+    "random_mask",
+    "resample_vit_",
+    "resize_reduce",
+    "sample_block_indices",
+    "sample_random_indices",
+    "vit_forward_tokens",
 }
 MODULES = ["_indices", "_mask", "_resize", "_vit"]
 SCIENTIFIC = {"keep_ratio"}  # hyperparameters that every call site states: keyword-only, no default

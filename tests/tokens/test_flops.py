@@ -59,12 +59,10 @@ def full_flops(vit_b16):
     return flops
 
 
-@pytest.mark.parametrize(("mask", "keep_ratio", "kept", "bound"), [
-    ("random", 0.5, 98, 0.55),
-    ("random", 0.25, 49, 0.30),
-    ("block", 0.5, 100, 0.55),
-    ("block", 0.25, 49, 0.30),
-])
+@pytest.mark.parametrize(
+    ("mask", "keep_ratio", "kept", "bound"),
+    [("random", 0.5, 98, 0.55), ("random", 0.25, 49, 0.30), ("block", 0.5, 100, 0.55), ("block", 0.25, 49, 0.30)],
+)
 def test_masks_cut_flops(vit_b16, full_flops, mask, keep_ratio, kept, bound):
     g = torch.Generator().manual_seed(0)
     if mask == "random":

@@ -51,8 +51,10 @@ def test_num_kept_is_the_nearest_integer_and_at_least_one(n, r):
     assert abs(k - r * n) <= 0.5 or k == 1
 
 
-@pytest.mark.parametrize(("n", "r", "k"), [(196, 0.5, 98), (196, 0.25, 49), (196, 1.0, 196), (7, 0.5, 4),
-                                           (10, 0.01, 1), (49, 0.5, 25), (1, 0.3, 1)])
+@pytest.mark.parametrize(
+    ("n", "r", "k"),
+    [(196, 0.5, 98), (196, 0.25, 49), (196, 1.0, 196), (7, 0.5, 4), (10, 0.01, 1), (49, 0.5, 25), (1, 0.3, 1)],
+)
 def test_num_kept_exact_counts(n, r, k):
     assert num_kept(n, keep_ratio=r) == k
 
@@ -67,9 +69,18 @@ def test_block_shape_fits_and_tracks_the_ratio(gh, gw, r):
         assert abs(h * w - r * gh * gw) <= h / 2 + 1e-9
 
 
-@pytest.mark.parametrize(("grid", "r", "shape"), [((14, 14), 0.5, (10, 10)), ((14, 14), 0.25, (7, 7)),
-                                                  ((14, 14), 1.0, (14, 14)), ((7, 7), 0.5, (5, 5)),
-                                                  ((4, 8), 0.25, (2, 4)), ((1, 9), 0.5, (1, 5)), (3, 0.01, (1, 1))])
+@pytest.mark.parametrize(
+    ("grid", "r", "shape"),
+    [
+        ((14, 14), 0.5, (10, 10)),
+        ((14, 14), 0.25, (7, 7)),
+        ((14, 14), 1.0, (14, 14)),
+        ((7, 7), 0.5, (5, 5)),
+        ((4, 8), 0.25, (2, 4)),
+        ((1, 9), 0.5, (1, 5)),
+        (3, 0.01, (1, 1)),
+    ],
+)
 def test_block_shape_exact(grid, r, shape):
     assert block_shape(grid, keep_ratio=r) == shape
 
@@ -78,8 +89,9 @@ def test_block_shape_exact(grid, r, shape):
 # random masks
 
 
-@given(batch=st.integers(0, 5), n=st.integers(1, 80), prefix=st.integers(0, 3), dim=st.integers(1, 5), r=ratios,
-       seed=seeds)
+@given(
+    batch=st.integers(0, 5), n=st.integers(1, 80), prefix=st.integers(0, 3), dim=st.integers(1, 5), r=ratios, seed=seeds
+)
 def test_random_mask_counts_range_gather_and_prefix(batch, n, prefix, dim, r, seed):
     t = index_valued(batch, prefix + n, dim)
     out = random_mask(t, keep_ratio=r, num_prefix_tokens=prefix, generator=torch.Generator().manual_seed(seed))
@@ -131,12 +143,19 @@ def test_keep_ratio_one_is_the_identity(mask):
 # block masks
 
 
-@given(batch=st.integers(0, 4), gh=st.integers(1, 16), gw=st.integers(1, 16), prefix=st.integers(0, 2), r=ratios,
-       seed=seeds)
+@given(
+    batch=st.integers(0, 4),
+    gh=st.integers(1, 16),
+    gw=st.integers(1, 16),
+    prefix=st.integers(0, 2),
+    r=ratios,
+    seed=seeds,
+)
 def test_block_mask_keeps_exactly_one_full_rectangle(batch, gh, gw, prefix, r, seed):
     t = index_valued(batch, prefix + gh * gw, 2)
-    out = block_mask(t, keep_ratio=r, grid=(gh, gw), num_prefix_tokens=prefix,
-                     generator=torch.Generator().manual_seed(seed))
+    out = block_mask(
+        t, keep_ratio=r, grid=(gh, gw), num_prefix_tokens=prefix, generator=torch.Generator().manual_seed(seed)
+    )
     h, w = block_shape((gh, gw), keep_ratio=r)
     assert_valid_indices(out.indices, batch, gh * gw, h * w)
     assert torch.equal(out.tokens[:, :prefix], t[:, :prefix])
@@ -203,14 +222,29 @@ def test_indices_land_on_the_requested_device_and_dtype():
 # errors
 
 
-@pytest.mark.parametrize(("r", "err"), [(0.0, ValueError), (-0.1, ValueError), (1.5, ValueError),
-                                        (float("nan"), ValueError), (float("inf"), ValueError),
-                                        (True, TypeError), ("0.5", TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    ("r", "err"),
+    [
+        (0.0, ValueError),
+        (-0.1, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        ("0.5", TypeError),
+        (None, TypeError),
+    ],
+)
 def test_bad_keep_ratio(r, err):
     t = torch.randn(1, 4, 2)
-    for call in (lambda: random_mask(t, keep_ratio=r), lambda: block_mask(t, keep_ratio=r, grid=2),
-                 lambda: sample_random_indices(1, 4, keep_ratio=r), lambda: num_kept(4, keep_ratio=r),
-                 lambda: sample_block_indices(1, grid=2, keep_ratio=r), lambda: block_shape(2, keep_ratio=r)):
+    for call in (
+        lambda: random_mask(t, keep_ratio=r),
+        lambda: block_mask(t, keep_ratio=r, grid=2),
+        lambda: sample_random_indices(1, 4, keep_ratio=r),
+        lambda: num_kept(4, keep_ratio=r),
+        lambda: sample_block_indices(1, grid=2, keep_ratio=r),
+        lambda: block_shape(2, keep_ratio=r),
+    ):
         with pytest.raises(err, match="keep_ratio"):
             call()
 

@@ -37,8 +37,7 @@ LAYOUTS = {
 
 def tiny_vit(img_size=32, *, seed=0, **kw) -> VisionTransformer:
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                              **kw)
+    model = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **kw)
     with torch.no_grad():  # timm zero-inits some tokens; random values make every token and embedding count
         for name, p in model.named_parameters():
             if name.endswith(("cls_token", "reg_token", "pos_embed")):
@@ -83,8 +82,9 @@ def test_reduced_forward_matches_timms_embedding_then_gather(layout, seed, r, bl
     else:
         idx = sample_random_indices(2, 16, keep_ratio=r, generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(vit_forward_tokens(model, x, indices=idx), reference_forward(model, x, idx),
-                                   rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            vit_forward_tokens(model, x, indices=idx), reference_forward(model, x, idx), rtol=1e-5, atol=1e-5, msg=name
+        )
 
 
 def test_only_the_kept_patches_reach_the_output():

@@ -46,25 +46,28 @@ def test_round_trip_through_json(tmp_path):
     assert load_config(Config, path) == cfg
 
 
-@pytest.mark.parametrize("item, message", [
-    ("optim.lr=fast", "optim.lr: 'fast' is not a float"),
-    ('optim.steps="many"', "optim.steps: 'many' is not an int"),
-    ("optim.steps=1.5", "optim.steps: 1.5 is not an int"),
-    ("optim.steps=true", "optim.steps: True is not an int"),
-    ("optim.betas=[0.9]", "optim.betas: [0.9] is not a list of 2 values"),
-    ("optim.betas=[0.9, \"x\"]", "optim.betas.1: 'x' is not a float"),
-    ("optim.warmup=soon", "optim.warmup: 'soon' is not a float or None"),
-    ("method=c", "method: 'c' is not one of ('a', 'b')"),
-    ("stages.1.samples=x", "stages.1.samples: 'x' is not an int"),
-    ("optim.lr=-1", "optim: lr must be > 0; got -1.0"),
-    ("optim.learning_rate=1", "no field 'learning_rate' in optim"),
-    ("stages.5.samples=1", "stages has no item '5' (it has 2)"),
-    ("extra.lr=1", "extra is None here; set it whole first"),
-    ("optim.lr.x=1", "optim.lr is 0.1, not a section"),
-    ("optim.lr", "is not of the form dotted.key=value"),
-    ("run.log_every=0", "run.log_every: 0 is not an int >= 1"),
-    ("run.device=gpu", "run.device: 'gpu' is not null, 'cpu'"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("optim.lr=fast", "optim.lr: 'fast' is not a float"),
+        ('optim.steps="many"', "optim.steps: 'many' is not an int"),
+        ("optim.steps=1.5", "optim.steps: 1.5 is not an int"),
+        ("optim.steps=true", "optim.steps: True is not an int"),
+        ("optim.betas=[0.9]", "optim.betas: [0.9] is not a list of 2 values"),
+        ('optim.betas=[0.9, "x"]', "optim.betas.1: 'x' is not a float"),
+        ("optim.warmup=soon", "optim.warmup: 'soon' is not a float or None"),
+        ("method=c", "method: 'c' is not one of ('a', 'b')"),
+        ("stages.1.samples=x", "stages.1.samples: 'x' is not an int"),
+        ("optim.lr=-1", "optim: lr must be > 0; got -1.0"),
+        ("optim.learning_rate=1", "no field 'learning_rate' in optim"),
+        ("stages.5.samples=1", "stages has no item '5' (it has 2)"),
+        ("extra.lr=1", "extra is None here; set it whole first"),
+        ("optim.lr.x=1", "optim.lr is 0.1, not a section"),
+        ("optim.lr", "is not of the form dotted.key=value"),
+        ("run.log_every=0", "run.log_every: 0 is not an int >= 1"),
+        ("run.device=gpu", "run.device: 'gpu' is not null, 'cpu'"),
+    ],
+)
 def test_override_errors_name_the_key_and_the_value_in_one_line(item, message):
     with pytest.raises(ConfigError) as err:
         override(Config(), [item])
@@ -73,8 +76,19 @@ def test_override_errors_name_the_key_and_the_value_in_one_line(item, message):
 
 
 def test_overrides_apply_in_order_and_keep_the_types():
-    cfg = override(Config(), ["optim.lr=1", "stages.0.samples=1e6", "optim.warmup=2", 'extra={"lr": 3}',
-                              "optim.betas=[0.8, 0.9]", 'run.out_dir="runs/x"', "run.out_dir=runs/y", "method=b"])
+    cfg = override(
+        Config(),
+        [
+            "optim.lr=1",
+            "stages.0.samples=1e6",
+            "optim.warmup=2",
+            'extra={"lr": 3}',
+            "optim.betas=[0.8, 0.9]",
+            'run.out_dir="runs/x"',
+            "run.out_dir=runs/y",
+            "method=b",
+        ],
+    )
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.stages[0].samples == 1_000_000 and isinstance(cfg.stages[0].samples, int)
     assert cfg.optim.warmup == 2.0 and cfg.extra == Optim(lr=3.0) and cfg.optim.betas == (0.8, 0.9)

@@ -20,8 +20,15 @@ class Position:
 
 
 def _worker(rank: int, out: str):
-    from advtrain.training import (all_mean, gather_per_rank, load_latest_checkpoint, restore_training_state,
-                                   save_checkpoint, setup_distributed, training_state)
+    from advtrain.training import (
+        all_mean,
+        gather_per_rank,
+        load_latest_checkpoint,
+        restore_training_state,
+        save_checkpoint,
+        setup_distributed,
+        training_state,
+    )
 
     dd = setup_distributed(device="cpu", threads=1)
     model = torch.nn.Linear(2, 2)
@@ -35,8 +42,12 @@ def _worker(rank: int, out: str):
     mine = Position(None)
     torch.manual_seed(0)
     restore_training_state(loaded, {"model": torch.nn.Linear(2, 2), "loader": mine}, dd)
-    got = {"at": mine.at, "rand": torch.rand(1).item() == expected, "mean": all_mean({"x": float(rank)}, dd),
-           "gathered": gather_per_rank(rank, dd)}
+    got = {
+        "at": mine.at,
+        "rand": torch.rand(1).item() == expected,
+        "mean": all_mean({"x": float(rank)}, dd),
+        "gathered": gather_per_rank(rank, dd),
+    }
     torch.save(got, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 

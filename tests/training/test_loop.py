@@ -9,8 +9,23 @@ import warnings
 import pytest
 import torch
 
-from advtrain.training import (Dist, Every, Panel, Progress, StepTimer, all_mean, autocast, check_finite, cycle,
-                               gather_per_rank, log_due, make_mixup, plot_metrics, quiet_set_vital, take)
+from advtrain.training import (
+    Dist,
+    Every,
+    Panel,
+    Progress,
+    StepTimer,
+    all_mean,
+    autocast,
+    check_finite,
+    cycle,
+    gather_per_rank,
+    log_due,
+    make_mixup,
+    plot_metrics,
+    quiet_set_vital,
+    take,
+)
 
 
 class FakeTTY(io.StringIO):
@@ -45,8 +60,9 @@ def test_on_a_terminal_the_bar_redraws_a_few_times_a_second_at_most(monkeypatch)
 
 def test_other_ranks_show_nothing():
     lines = []
-    p = Progress(total=4, initial=0, unit="step", desc="run", dd=Dist(rank=1, world=2), every=1, log=lines.append,
-                 tty=False)
+    p = Progress(
+        total=4, initial=0, unit="step", desc="run", dd=Dist(rank=1, world=2), every=1, log=lines.append, tty=False
+    )
     p.update(1)
     assert lines == []
 
@@ -102,15 +118,20 @@ def test_the_set_vital_filter_hides_that_warning_only():
         warnings.simplefilter("always")
         with quiet_set_vital():
             StatefulDataLoader(list(range(4)), batch_size=2)
-            warnings.warn("another warning", UserWarning)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another warning"]
 
 
 def test_plot_draws_short_runs_and_returns_none_without_training_rows(tmp_path):
-    rows = [{"kind": "train", "samples": 32, "loss": 2.0}, {"kind": "train", "samples": 64, "loss": 1.8},
-            {"kind": "eval", "samples": 64, "clean": 0.5, "pgd3": 0.2, "n": 10}]
-    panels = [Panel(title="loss", keys=("loss",)), Panel(title="acc", kind="eval", scale=100,
-                                                          keys=lambda k: k in ("clean", "pgd3"))]
+    rows = [
+        {"kind": "train", "samples": 32, "loss": 2.0},
+        {"kind": "train", "samples": 64, "loss": 1.8},
+        {"kind": "eval", "samples": 64, "clean": 0.5, "pgd3": 0.2, "n": 10},
+    ]
+    panels = [
+        Panel(title="loss", keys=("loss",)),
+        Panel(title="acc", kind="eval", scale=100, keys=lambda k: k in ("clean", "pgd3")),
+    ]
     assert plot_metrics(rows[2:], tmp_path / "a.png", panels=panels) is None
     path = plot_metrics(rows, tmp_path / "m.png", panels=panels, total=64, edges=[(32, "coarse | fine")])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

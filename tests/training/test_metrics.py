@@ -80,10 +80,14 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb")
-                        else real(name, *a))
-    with pytest.raises(ValueError, match=r"^run.tensorboard=true needs the 'tensorboard' package: pip install "
-                                         r"'advtrain\[tensorboard\]'$"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^run.tensorboard=true needs the 'tensorboard' package: pip install "
+        r"'advtrain\[tensorboard\]'$",
+    ):
         check_sinks(tensorboard=True, wandb=None)
     with pytest.raises(ValueError, match=r"run.wandb needs the 'wandb' package: pip install 'advtrain\[wandb\]'"):
         check_sinks(tensorboard=False, wandb="proj")

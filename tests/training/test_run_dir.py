@@ -7,9 +7,22 @@ import json
 import pytest
 import torch
 
-from advtrain.training import (Dist, MetricsError, ResumeError, RunDir, RunDirError, check_run_dir, checkpoint_files,
-                               environment_meta, load_latest_checkpoint, read_metrics, restore_training_state,
-                               save_checkpoint, training_state, truncate_metrics)
+from advtrain.training import (
+    Dist,
+    MetricsError,
+    ResumeError,
+    RunDir,
+    RunDirError,
+    check_run_dir,
+    checkpoint_files,
+    environment_meta,
+    load_latest_checkpoint,
+    read_metrics,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+    truncate_metrics,
+)
 
 CONFIG = {"optim": {"lr": 0.001}, "data": {"batch_size": 64}, "run": {"out_dir": "x", "fresh": False}}
 

@@ -11,11 +11,14 @@ from advtrain.training import ConfigError, FieldError, from_dict, override
 from advtrain.training import validators as v
 
 
-@pytest.mark.parametrize("norm, good, bad", [
-    ("linf", [1e-6, 4 / 255, 0.999], [0.0, 1.0, 2.0, -0.1, math.nan, math.inf, True]),
-    ("l2", [0.5, 3.0, 64.0], [0.0, 64.5, -1.0, math.nan]),
-    ("l1", [12.0, 255.0, 4096.0], [0.0, 5000.0, math.inf]),
-])
+@pytest.mark.parametrize(
+    "norm, good, bad",
+    [
+        ("linf", [1e-6, 4 / 255, 0.999], [0.0, 1.0, 2.0, -0.1, math.nan, math.inf, True]),
+        ("l2", [0.5, 3.0, 64.0], [0.0, 64.5, -1.0, math.nan]),
+        ("l1", [12.0, 255.0, 4096.0], [0.0, 5000.0, math.inf]),
+    ],
+)
 def test_eps_for_norm_accepts_sensible_radii_only(norm, good, bad):
     for eps in good:
         v.eps_for_norm(eps, norm=norm, key="eps")
@@ -34,17 +37,20 @@ def test_an_linf_eps_in_255_units_gets_the_hint():
     assert "did you mean" not in str(err.value)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: v.positive(0, key="k"), "k: 0 is not a finite number > 0"),
-    (lambda: v.positive(math.nan, key="k"), "k: nan is not a finite number > 0"),
-    (lambda: v.positive(True, key="k"), "k: True is not a finite number > 0"),
-    (lambda: v.non_negative(-1, key="k"), "k: -1 is not a finite number >= 0"),
-    (lambda: v.in_range(1.0, 0, 1, key="k", hi_open=True), "k: 1.0 is not in [0, 1)"),
-    (lambda: v.in_range(0, 0, 1, key="k", lo_open=True), "k: 0 is not in (0, 1]"),
-    (lambda: v.divisible(30, 16, key="k"), "k: 30 is not divisible by 16"),
-    (lambda: v.device_name("cuda:x", key="k"), "k: 'cuda:x' is not null, 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    (lambda: v.non_empty(" ", key="k"), "k: ' ' is not a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: v.positive(0, key="k"), "k: 0 is not a finite number > 0"),
+        (lambda: v.positive(math.nan, key="k"), "k: nan is not a finite number > 0"),
+        (lambda: v.positive(True, key="k"), "k: True is not a finite number > 0"),
+        (lambda: v.non_negative(-1, key="k"), "k: -1 is not a finite number >= 0"),
+        (lambda: v.in_range(1.0, 0, 1, key="k", hi_open=True), "k: 1.0 is not in [0, 1)"),
+        (lambda: v.in_range(0, 0, 1, key="k", lo_open=True), "k: 0 is not in (0, 1]"),
+        (lambda: v.divisible(30, 16, key="k"), "k: 30 is not divisible by 16"),
+        (lambda: v.device_name("cuda:x", key="k"), "k: 'cuda:x' is not null, 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        (lambda: v.non_empty(" ", key="k"), "k: ' ' is not a non-empty string"),
+    ],
+)
 def test_each_validator_names_the_key_the_value_and_the_range(call, message):
     with pytest.raises(FieldError) as err:
         call()
@@ -94,9 +100,11 @@ def test_data_counts():
         val_samples: int | None = None
 
     v.check_data_counts(Data())
-    for bad, message in ((Data(num_workers=-1), "data.num_workers: -1 is not an int >= 0"),
-                         (Data(batch_size=0), "data.batch_size: 0 is not an int >= 1"),
-                         (Data(val_samples=0), "data.val_samples: 0 is not an int >= 1 (or null: all)")):
+    for bad, message in (
+        (Data(num_workers=-1), "data.num_workers: -1 is not an int >= 0"),
+        (Data(batch_size=0), "data.batch_size: 0 is not an int >= 1"),
+        (Data(val_samples=0), "data.val_samples: 0 is not an int >= 1 (or null: all)"),
+    ):
         with pytest.raises(FieldError) as err:
             v.check_data_counts(bad)
         assert str(err.value) == message
