@@ -19,6 +19,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from advtrain.data import BadSampleError, ShardReadError
 from advtrain.training import (
     ConfigError,
     MetricsError,
@@ -199,6 +200,7 @@ def main(recipe: str, cfg, args: argparse.Namespace, *, check: Callable, run_loc
     start = time.perf_counter()
     try:
         run_local(cfg)
-    except (RunDirError, ResumeError, MetricsError, ConfigError) as err:  # found once training set up: no traceback
+    # found once training set up (a bad-sample budget exceeded, an unreadable shard): one line, no traceback
+    except (RunDirError, ResumeError, MetricsError, ConfigError, BadSampleError, ShardReadError) as err:
         sys.exit(f"error: {err}")
     print(f"total wall-clock: {time.perf_counter() - start:.0f} s")

@@ -178,9 +178,7 @@ def make_loader(
             "persistent_workers": False,
             "multiprocessing_context": multiprocessing_context,
         }
-    from advtrain.training import (
-        quiet_set_vital,  # torchdata's deprecation warning on every construction
-    )
+    from advtrain.training import quiet_set_vital  # torchdata's deprecation warning on every construction
 
     with quiet_set_vital():
         loader = _build(

@@ -8,7 +8,7 @@ the bad value and what is allowed, no traceback, no usage block. Sections:
 2. device and launcher behaviour (bf16 on CPU, --help, a dry run without the data, the README's SLURM examples);
 3. run-directory faults (the toolkit's refusals; the training-level tests live in test_advxl.py / test_fast_advprop.py,
    referenced below, not duplicated);
-4. data faults (to be added once advtrain.data is wired into the recipes).
+4. data faults: missing data, too few shards for the workers, a bad-sample budget exceeded.
 """
 
 from __future__ import annotations
@@ -272,6 +272,75 @@ def test_a_run_directory_of_another_config_is_refused_in_one_line_by_a_dry_run_t
 
 
 # ================================================================================================ 4. data
-# Data faults (missing or unreadable shards, a manifest that disagrees, corrupt images over the bad-sample budget,
-# a val split with no samples) are added here by the lead once the integrate branch has wired advtrain.data
-# into the recipes' train.py.
+# Data faults through the launcher, on small shard folders built here. The bad-sample path inside a run (a corrupt
+# JPEG and a sample without .cls skipped and counted in metrics.jsonl) is
+# tests/recipes/test_fast_advprop.py::test_streamed_shards_with_bad_samples_train_and_count_them; every bad-data
+# kind of advtrain.data itself is in tests/data/test_sources.py.
+
+
+def _jpeg(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 36), (25 * i % 256, 60, 200 - 7 * i)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _shards(root: Path, *, n_train: int, bad: int = 0, per_shard: int = 40) -> Path:
+    """``n_train`` train shards and 2 val shards of ``per_shard`` JPEGs; train images 5 to 5 + ``bad`` corrupt."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", 2)):
+        for s in range(n):
+            with tarfile.open(root / f"{split}-{s:04d}.tar", "w") as tar:
+                for i in range(per_shard):
+                    corrupt = split == "train" and 5 <= s * per_shard + i < 5 + bad  # the first decodes (checks)
+                    members = {"jpg": b"\xff\xd8 broken" if corrupt else _jpeg(i), "cls": str(i % 10).encode()}
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{split}{s}_{i:03d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _fast_advprop_on(root: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--preset",
+        "embedded",
+        "data.kind=wds",
+        f"data.path={root}",
+        "data.img_size=32",
+        "data.batch_size=20",
+        "data.val_samples=20",
+        "eval.corruptions=[]",
+        f"run.out_dir={tmp_path / 'run'}",
+        *extra,
+    ]
+
+
+def test_a_missing_data_path_is_one_line_before_training(tmp_path, capsys):
+    code, out, err = run_launcher("fast_advprop", _fast_advprop_on(tmp_path / "nowhere", tmp_path), capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+
+
+def test_too_few_shards_for_the_workers_is_found_before_training(tmp_path, capsys):
+    root = _shards(tmp_path / "shards", n_train=2)
+    code, out, err = run_launcher("fast_advprop", _fast_advprop_on(root, tmp_path, "data.num_workers=3"), capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(r"shard", err) and re.search(r"3", err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_bad_sample_budget_exceeded_stops_the_run_in_one_line_naming_the_shard(tmp_path, capsys):
+    # 30 of 160 train images corrupt, far over a 0.1% budget: the run stops at a log step, naming train-0000
+    root = _shards(tmp_path / "shards", n_train=4, bad=30)
+    argv = _fast_advprop_on(root, tmp_path, "data.train_size=1200", "run.log_every=10")
+    code, out, err = run_launcher("fast_advprop", argv, capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code != 0 and "Traceback" not in err
+    assert len(lines) == 1 and "budget" in lines[0] and "train-0000.tar" in lines[0], err[-2000:]
