@@ -71,6 +71,9 @@ def project_l2(delta: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
     sat_m = torch.where(m > 0, sat.gather(1, k), 0)
     free_m = torch.where(m > 0, free.gather(1, k), d2.sum(1, keepdim=True))
     t = ((eps2.unsqueeze(1) - sat_m).clamp(min=0) / free_m.clamp(min=torch.finfo(delta.dtype).tiny)).sqrt()
+    # t* lies in [tau_(m), tau_(m+1)]: rounding can make g non-monotone (ties of tau at 1 summed in two orders)
+    # and the closed form fall below tau_(m), which would pull saturated coordinates off their limits
+    t = torch.maximum(t, torch.where(m > 0, tau_s.gather(1, k), 0))
     t = torch.where(m == delta.shape[1], 1, t)  # g(1) <= eps^2 after rounding: the clamped point is inside
     out = torch.clamp(t.clamp(max=1) * delta, lo, hi)
     return torch.where(inside.unsqueeze(1), c, out)

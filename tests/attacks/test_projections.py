@@ -93,3 +93,12 @@ def test_projection_supports_per_sample_eps(norm):
     for i in range(5):
         assert torch.allclose(p[i : i + 1], project(z[i : i + 1], x[i : i + 1], eps=float(eps[i]), norm=norm))
     assert torch.allclose(p[0], x[0], atol=1e-12, rtol=0)
+
+
+def test_l2_projection_keeps_a_point_on_the_sphere_whose_breakpoints_tie():
+    """Regression: every breakpoint at t = 1 (a clamped point on the sphere) made rounding put the closed-form
+    scale at 0, so projecting a feasible point returned x itself (found by the ci profile's examples)."""
+    x, z = _draw(463, 4, 30, 0.15750993081450007)
+    eps = 0.14400693613712884
+    p = project(z, x, eps=eps, norm="l2")
+    assert torch.allclose(project(p, x, eps=eps, norm="l2"), p, atol=1e-12, rtol=0)
