@@ -11,7 +11,7 @@ fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch and torchvision first, pinned together; every later install is constrained to the same pins.
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" -c constraints.txt -e ".[test,eval,fast]"
+"${PIP[@]}" -c constraints.txt -e ".[test,eval,fast,corruptions]"
 # torchattacks pins an old `requests`; it is only the reference attack in one cross-check test.
 "${PIP[@]}" --no-deps "torchattacks==3.5.1"
 .venv/bin/python -c "import torch, timm, open_clip, torchdata, submitit, advtrain; print('advtrain', advtrain.__version__, '| torch', torch.__version__, '| timm', timm.__version__)"

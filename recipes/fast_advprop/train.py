@@ -320,7 +320,7 @@ def validate(cfg: TrainConfig) -> None:
             from imagecorruptions import get_corruption_names
         except ImportError as err:
             raise ValueError(f"eval.corruptions needs the imagecorruptions library "
-                             f"(pip install imagecorruptions-imaug), or set eval.corruptions=[]: {err}") from None
+                             f"(pip install 'advtrain[corruptions]'), or set eval.corruptions=[]: {err}") from None
         unknown = sorted(set(cfg.eval.corruptions) - set(get_corruption_names("all")))
         if unknown:
             raise ValueError(f"unknown corruptions {unknown}; choose from {get_corruption_names('all')}")

@@ -344,3 +344,11 @@ def test_a_bad_sample_budget_exceeded_stops_the_run_in_one_line_naming_the_shard
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert code != 0 and "Traceback" not in err
     assert len(lines) == 1 and "budget" in lines[0] and "train-0000.tar" in lines[0], err[-2000:]
+
+
+def test_corruption_evaluation_without_its_extra_names_the_extra_before_training(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imagecorruptions", None)  # as if advtrain[corruptions] were not installed
+    code, out, err = run_launcher("fast_advprop", ["--preset", "embedded", "run.out_dir=/nonexistent/run"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "advtrain[corruptions]" in err, err
