@@ -34,7 +34,7 @@ from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, 
                                log_due, make_mixup, open_sinks, plot_metrics, read_metrics,
                                restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
                                setup_distributed, step_generator, take, training_state, wrap_ddp)
-from recipes.advxl.config import Stage, TrainConfig, check_consistency
+from recipes.advxl.config import Stage, TrainConfig, check_consistency, patch_size
 
 
 # ================================================================================================ data
@@ -79,17 +79,6 @@ class Normalized(nn.Module):
         if indices is None:
             return self.inner(z)
         return vit_forward_tokens(self.inner, z, indices=indices)
-
-
-def patch_size(cfg: TrainConfig) -> int | None:
-    """The ViT patch size from the model kwargs or the timm name (``..._patch16_...``); None for non-ViTs."""
-    if "patch_size" in cfg.model.kwargs:
-        return int(cfg.model.kwargs["patch_size"])
-    name = cfg.model.name
-    if "patch" in name:
-        digits = "".join(c for c in name.split("patch", 1)[1] if c.isdigit() or c == "_").split("_")[0]
-        return int(digits) if digits else None
-    return None
 
 
 def build_model(cfg: TrainConfig) -> Normalized:
