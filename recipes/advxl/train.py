@@ -278,9 +278,10 @@ def run_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, img_size: 
 
 
 def val_batches(cfg: TrainConfig, val_ds, dd: Dist) -> Iterator:
-    """The validation batches, at most ``data.val_samples`` images."""
-    loader = make_loader(val_ds, batch_size=cfg.data.batch_size // dd.world, seed=cfg.run.seed, rank=dd.rank,
-                         world=dd.world, num_workers=cfg.data.num_workers, train=False)
+    """The validation batches, at most ``data.val_samples`` images: every rank reads all of them (recipe_eval
+    shares the attacks among the ranks by sample position and gathers the counts)."""
+    loader = make_loader(val_ds, batch_size=cfg.data.batch_size // dd.world, seed=cfg.run.seed,
+                         num_workers=cfg.data.num_workers, train=False)
     return take(loader, cfg.data.val_samples)
 
 
