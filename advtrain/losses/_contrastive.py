@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advtrain.losses._cross_entropy import Reduction
+from advtrain.losses._gather import gather_features, world_size
 
 Direction = Literal["symmetric", "image_to_text"]
 
@@ -92,6 +93,8 @@ def clip_contrastive_loss(
     max_scale: float = MAX_LOGIT_SCALE,
     direction: Direction = "symmetric",
     reduction: Reduction = "mean",
+    gather: bool = False,
+    text_negatives: Tensor | None = None,
 ) -> Tensor:
     r"""Symmetric InfoNCE between image features and the frozen text features of their captions (AdvXL Eq. 2).
 
@@ -112,6 +115,24 @@ def clip_contrastive_loss(
     Captions repeated inside a batch count as negatives of each other, as in CLIP. Computed in float32 (float64 for
     float64 inputs) whatever the features' dtype.
 
+    Global-batch negatives (``gather=True``): under data parallelism each rank holds ``B`` of the ``N = W B`` pairs.
+    With ``gather=True`` and an initialized process group of ``W > 1`` ranks, the normalized image and text features
+    are all-gathered (:func:`gather_features`, one collective) and every rank computes the loss of the whole global
+    batch, as CLIP and AdvXL do: every caption of the global batch is a negative of every image. The returned value
+    is then the global batch's loss (the same on every rank). Gradients flow to this rank's own image features only,
+    multiplied by ``W``, so that DDP's (or FSDP's) average of the ranks' gradients equals the gradient that one
+    process holding the global batch computes; the temperature's gradient is the global one on every rank already.
+    A collective: every rank must call it, with the same ``B``; never inside an attack (see
+    :func:`contrastive_attack_loss`). Open_clip's ``local_loss`` variant (each rank's rows against the global
+    columns, labels offset by rank) is not offered: with the gradient factor above, the full loss on every rank
+    gives the exact global gradient and costs ``N x N`` logits instead of ``B x N``, negligible beside the image
+    model. Without a process group (or with one rank) ``gather`` changes nothing.
+
+    Extra negatives (``text_negatives``, ``(M, D)``): captions that are negatives of every image, appended to the
+    image-to-text term's columns, :math:`\ell^{i\to t}_i = \log(\sum_j e^{z_{ij}} + \sum_m e^{s u_i^\top n_m}) -
+    z_{ii}`; the text-to-image term stays over the ``B`` pairs. The contrastive attack passes the other ranks'
+    captions this way (gathered once, outside the attack).
+
     Args:
         image_features: ``(B, D)`` outputs of the image model (any scale; normalized here).
         text_features: ``(B, D)`` text features of the ``B`` captions, row ``i`` pairing with image ``i`` (any scale).
@@ -119,7 +140,11 @@ def clip_contrastive_loss(
             one-element tensor.
         max_scale: the cap on :math:`e^{t}` (CLIP: 100).
         direction: ``"symmetric"`` (Eq. 2) or ``"image_to_text"`` (the image-side term only).
-        reduction: ``"none"`` for the ``(B,)`` per-sample losses (what attacks need), ``"mean"`` or ``"sum"``.
+        reduction: ``"none"`` for the ``(B,)`` per-sample losses (what attacks need), ``"mean"`` or ``"sum"``
+            (over the global batch with ``gather``).
+        gather: all-gather the features of every rank and compute the global batch's loss (see above); needs
+            ``reduction`` ``"mean"`` or ``"sum"``.
+        text_negatives: ``(M, D)`` extra caption features, negatives of every image (detached), or ``None``.
 
     Returns:
         ``(B,)`` losses for ``reduction="none"``, else a scalar.
@@ -127,7 +152,9 @@ def clip_contrastive_loss(
     Raises:
         TypeError: non-tensor or non-floating features; a ``logit_scale`` of the wrong type.
         ValueError: features that are not both ``(B, D)`` with equal shapes, an empty batch, an unknown
-            ``direction`` or ``reduction``, or a bad ``logit_scale`` / ``max_scale`` (see :func:`logit_scale_value`).
+            ``direction`` or ``reduction``, ``gather`` with ``reduction="none"``, ``text_negatives`` that are not
+            ``(M, D)``, ranks with different batch shapes under ``gather``, or a bad ``logit_scale`` /
+            ``max_scale`` (see :func:`logit_scale_value`).
 
     Example:
         >>> import math, torch
@@ -145,17 +172,26 @@ def clip_contrastive_loss(
         raise ValueError(f"direction must be 'symmetric' or 'image_to_text'; got {direction!r}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum'; got {reduction!r}")
+    if gather and reduction == "none":
+        raise ValueError("gather=True computes the global batch's loss: use reduction 'mean' or 'sum', not 'none'")
     work = torch.float64 if torch.float64 in (image_features.dtype, text_features.dtype) else torch.float32
-    scale = logit_scale_value(logit_scale, max_scale=max_scale).to(device=image_features.device, dtype=work)
+    device = image_features.device
+    scale = logit_scale_value(logit_scale, max_scale=max_scale).to(device=device, dtype=work)
     u = F.normalize(image_features.to(work), dim=1)
-    v = F.normalize(text_features.detach().to(device=image_features.device, dtype=work), dim=1)
+    v = F.normalize(text_features.detach().to(device=device, dtype=work), dim=1)
+    negatives = _negatives(text_negatives, u)
+    world = world_size() if gather else 1
+    if world > 1:  # one collective for both; the local image rows keep their graph, their gradient times W
+        both = gather_features(torch.cat([u, v], dim=1), grad_scale=world)
+        u, v = both[:, : u.shape[1]], both[:, u.shape[1] :]
     logits = scale * (u @ v.T)
     positive = logits.diagonal()
+    to_texts = logits if negatives is None else torch.cat([logits, scale * (u @ negatives.T)], dim=1)
     match direction:
         case "symmetric":
-            loss = 0.5 * ((logits.logsumexp(1) - positive) + (logits.logsumexp(0) - positive))
+            loss = 0.5 * ((to_texts.logsumexp(1) - positive) + (logits.logsumexp(0) - positive))
         case "image_to_text":
-            loss = logits.logsumexp(1) - positive
+            loss = to_texts.logsumexp(1) - positive
     match reduction:
         case "none":
             return loss
@@ -163,6 +199,19 @@ def clip_contrastive_loss(
             return loss.mean()
         case "sum":
             return loss.sum()
+
+
+def _negatives(text_negatives: Tensor | None, u: Tensor) -> Tensor | None:
+    """Normalized, detached ``(M, D)`` extra negatives in ``u``'s dtype and device, or None for none / M = 0."""
+    if text_negatives is None:
+        return None
+    if not isinstance(text_negatives, Tensor) or not text_negatives.is_floating_point():
+        raise TypeError(f"text_negatives must be a floating tensor; got {type(text_negatives).__name__}")
+    if text_negatives.ndim != 2 or text_negatives.shape[1] != u.shape[1]:
+        raise ValueError(f"text_negatives must be (M, D) with D = {u.shape[1]}; got {tuple(text_negatives.shape)}")
+    if text_negatives.shape[0] == 0:
+        return None
+    return F.normalize(text_negatives.detach().to(device=u.device, dtype=u.dtype), dim=1)
 
 
 class ClipContrastiveLoss(nn.Module):
@@ -178,6 +227,7 @@ class ClipContrastiveLoss(nn.Module):
         learnable: ``False`` keeps the temperature fixed (a buffer instead of a parameter).
         direction: see :func:`clip_contrastive_loss`.
         reduction: see :func:`clip_contrastive_loss`.
+        gather: see :func:`clip_contrastive_loss` (global-batch negatives across ranks; a collective).
 
     Raises:
         ValueError: ``init_scale`` outside ``(0, max_scale]``.
@@ -203,6 +253,7 @@ class ClipContrastiveLoss(nn.Module):
         learnable: bool = True,
         direction: Direction = "symmetric",
         reduction: Reduction = "mean",
+        gather: bool = False,
     ):
         super().__init__()
         if not (isinstance(init_scale, numbers.Real) and 0 < init_scale <= max_scale):
@@ -215,6 +266,7 @@ class ClipContrastiveLoss(nn.Module):
         self.max_scale = float(max_scale)
         self.direction: Direction = direction
         self.reduction: Reduction = reduction
+        self.gather = bool(gather)
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return clip_contrastive_loss(
@@ -224,14 +276,22 @@ class ClipContrastiveLoss(nn.Module):
             max_scale=self.max_scale,
             direction=self.direction,
             reduction=self.reduction,
+            gather=self.gather,
         )
 
     def extra_repr(self) -> str:
-        return f"max_scale={self.max_scale}, direction={self.direction!r}, reduction={self.reduction!r}"
+        return (
+            f"max_scale={self.max_scale}, direction={self.direction!r}, reduction={self.reduction!r}, "
+            f"gather={self.gather}"
+        )
 
 
 def contrastive_attack_loss(
-    *, logit_scale: float | Tensor, max_scale: float = MAX_LOGIT_SCALE, direction: Direction = "symmetric"
+    *,
+    logit_scale: float | Tensor,
+    max_scale: float = MAX_LOGIT_SCALE,
+    direction: Direction = "symmetric",
+    text_negatives: Tensor | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""A ``loss_fn`` for :func:`advtrain.pgd` that maximizes the contrastive loss (AdvXL Eq. 3).
 
@@ -249,10 +309,21 @@ def contrastive_attack_loss(
     ``return_best`` keeps per-sample iterates by a score that other samples also move; pgd's ascent itself is on the
     batch loss either way. ``direction="image_to_text"`` gives per-sample losses that depend on their own image only.
 
+    Under data parallelism (what the AdvXL recipe does): the attack runs on each rank's ``B`` images alone and must
+    not communicate, since a collective per attack step would tie the ranks' inner loops together (and deadlock
+    any rank that ran a different number of steps). So the returned function never gathers. Pass the other ranks'
+    caption features, gathered once before the attack (:func:`gather_other_ranks`), as ``text_negatives``: the
+    image-to-text term of each local image then runs over all ``N`` captions of the global batch, exactly as in the
+    training loss with ``gather=True``, while the text-to-image term runs over the ``B`` local images (the other
+    ranks' images are being perturbed on their ranks and would need a collective per step). With one rank this is
+    exactly Eq. 3's loss.
+
     Args:
         logit_scale: the temperature's log-parameter (a float, or the learnable tensor).
         max_scale: the cap on :math:`e^{t}` (CLIP: 100).
         direction: ``"symmetric"`` (the training loss, Eq. 3) or ``"image_to_text"`` (separable per sample).
+        text_negatives: ``(M, D)`` extra caption features, negatives of every image (detached; e.g. the other
+            ranks' captions), or ``None``.
 
     Returns:
         ``loss_fn(image_features, text_features) -> (B,)``.
@@ -279,6 +350,9 @@ def contrastive_attack_loss(
     logit_scale_value(scale_param, max_scale=max_scale)  # validate now
     if direction not in ("symmetric", "image_to_text"):
         raise ValueError(f"direction must be 'symmetric' or 'image_to_text'; got {direction!r}")
+    negatives = None if text_negatives is None else text_negatives.detach()
+    if negatives is not None and (negatives.ndim != 2 or not negatives.is_floating_point()):
+        raise ValueError(f"text_negatives must be a floating (M, D) tensor; got shape {tuple(negatives.shape)}")
 
     def loss_fn(image_features: Tensor, text_features: Tensor) -> Tensor:
         return clip_contrastive_loss(
@@ -288,6 +362,7 @@ def contrastive_attack_loss(
             max_scale=max_scale,
             direction=direction,
             reduction="none",
+            text_negatives=negatives,
         )
 
     return loss_fn

@@ -14,6 +14,7 @@ MODULES = [
     "advtrain.losses._captions",
     "advtrain.losses._contrastive",
     "advtrain.losses._cross_entropy",
+    "advtrain.losses._gather",
     "advtrain.losses._text_tower",
     "advtrain.losses._zero_shot",
 ]
