@@ -167,6 +167,12 @@ def absolute_paths(cfg):
     path = getattr(data, "path", None)
     if path and not os.path.isabs(path) and Path(path).exists():
         data = dataclasses.replace(data, path=str(Path(path).resolve()))
+    finetune = getattr(cfg, "finetune", None)  # a two-phase job's second data section (recipes.advxl)
+    if finetune is not None and not os.path.isabs(finetune.data.path or "/") and Path(finetune.data.path).exists():
+        finetune = dataclasses.replace(
+            finetune, data=dataclasses.replace(finetune.data, path=str(Path(finetune.data.path).resolve()))
+        )
+        return dataclasses.replace(cfg, run=run, data=data, finetune=finetune)
     return dataclasses.replace(cfg, run=run, data=data)
 
 

@@ -153,8 +153,20 @@ def split_sources(
         if not folder:
             raise ValueError(f"data.in_memory needs data.path to be a shard folder; got {path!r}")
         tr, va = load_image_set(path, train_split), load_image_set(path, val_split)
+        uncaptioned = sum(not c for c in tr.captions) if captions else 0
+        if uncaptioned:
+            raise ValueError(
+                f"captions requested but {uncaptioned} of {len(tr.captions)} samples of {path!r} split "
+                f"{train_split!r} have no .txt caption"
+            )
         return (
-            TensorSource(tr.images, tr.labels, transform=train_transform, name=train_split),
+            TensorSource(
+                tr.images,
+                tr.labels if labels else None,
+                tr.captions if captions else None,
+                transform=train_transform,
+                name=train_split,
+            ),
             TensorSource(va.images, va.labels, transform=val_transform, name=val_split),
         )
     if not folder and not val_path:

@@ -191,6 +191,29 @@ class Eval:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Finetune:
+    """Phase 2 of a two-phase job (AdvXL Table 4, e.g. DataComp-1B + ImageNet-1K): supervised adversarial fine-tuning.
+
+    Phase 1 is the rest of the config (typically CLIP-text mode on image-text shards); phase 2 trains the same
+    architecture (``model`` less its class count) on labelled data, starting from phase 1's final checkpoint (its
+    image tower; a fresh head for ``num_classes``), with the same ``run`` settings. See :func:`phases`.
+    """
+
+    num_classes: int  # classes of the labelled data: the head is new
+    data: Data  # labelled data (class folders, or image + cls shards)
+    stages: tuple[Stage, ...]
+    optim: Optim = field(default_factory=Optim)
+    augment: Augment = field(default_factory=Augment)
+    eval: Eval = field(default_factory=Eval)
+    drop_path: float | None = None  # None: phase 1's model.drop_path
+
+    def __post_init__(self):
+        v.check(self.num_classes >= 1, key="num_classes", value=self.num_classes, allowed="an int >= 1")
+        v.check(len(self.stages) > 0, key="stages", value=self.stages, allowed="at least one Stage")
+        v.in_range(self.drop_path, 0, 1, key="drop_path", hi_open=True, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Run(RunConfig):
     """The run section (advtrain.training.RunConfig: out_dir, seed, precision, checkpoints, logging, sinks)."""
 
@@ -209,6 +232,7 @@ class TrainConfig:
     eval: Eval = field(default_factory=Eval)
     run: Run = field(default_factory=Run)
     clip_text: ClipText | None = None
+    finetune: Finetune | None = None  # a two-phase job: this config, then supervised fine-tuning (phases())
 
     def __post_init__(self):
         if not self.stages:
@@ -234,6 +258,20 @@ class TrainConfig:
                 raise v.FieldError(
                     f"stages.{i}.attack.eps", "0 with attack.steps > 0; set steps=0 for standard training, or eps > 0"
                 )
+        a = self.augment
+        if self.clip_text is not None and (a.mixup or a.cutmix):
+            raise v.FieldError(
+                "augment.mixup",
+                f"{a.mixup} (augment.cutmix {a.cutmix}) with clip_text: MixUp/CutMix would mix the images but not "
+                "their captions; set augment.mixup=0 augment.cutmix=0",
+            )
+        if self.finetune is not None:
+            if self.run.compare_standard:
+                raise v.FieldError("run.compare_standard", "true with finetune (a two-phase job) is not supported")
+            try:
+                phases(self)
+            except ValueError as err:
+                raise v.FieldError("finetune", f"phase 2 is not a valid config: {err}") from None
 
     @property
     def total_samples(self) -> int:
@@ -252,6 +290,40 @@ class TrainConfig:
 def load_config(path: str | Path) -> TrainConfig:
     """A config saved as JSON (a run directory's ``config.json``); ``override`` applies ``dotted.key=value`` items."""
     return _load_config(TrainConfig, path)
+
+
+def phases(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """The runs of a two-phase job, in order: ``{"pretrain": ..., "finetune": ...}`` (``{"run": cfg}`` without one).
+
+    ``pretrain`` is ``cfg`` without ``finetune``, in ``run.out_dir/pretrain``. ``finetune`` is the same model
+    (``model`` with ``finetune.num_classes``) trained on ``finetune``'s data, stages, optimizer, augmentation and
+    evaluation, without CLIP-text mode, in ``run.out_dir/finetune``, with ``model.init`` the pre-training run's
+    final checkpoint: ``checkpoints/ckpt-<S>.pt``, ``S`` the samples seen at its end (its total rounded up to whole
+    batches). ``train.load_init_weights`` loads its image tower and leaves out its head (a projection into the text
+    space), so the class head starts fresh.
+    """
+    ft = cfg.finetune
+    if ft is None:
+        return {"run": cfg}
+    root = Path(cfg.run.out_dir)
+    pre = dataclasses.replace(cfg, finetune=None, run=dataclasses.replace(cfg.run, out_dir=str(root / "pretrain")))
+    seen = -(-pre.total_samples // pre.data.batch_size) * pre.data.batch_size  # the loop takes whole batches
+    model = dataclasses.replace(
+        cfg.model,
+        num_classes=ft.num_classes,
+        init=str(root / "pretrain" / "checkpoints" / f"ckpt-{seen:012d}.pt"),
+        drop_path=cfg.model.drop_path if ft.drop_path is None else ft.drop_path,
+    )
+    tuned = TrainConfig(
+        model=model,
+        optim=ft.optim,
+        augment=ft.augment,
+        data=ft.data,
+        stages=ft.stages,
+        eval=ft.eval,
+        run=dataclasses.replace(cfg.run, out_dir=str(root / "finetune")),
+    )
+    return {"pretrain": pre, "finetune": tuned}
 
 
 def preset(name: str) -> TrainConfig:
@@ -462,9 +534,110 @@ def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
     )
 
 
+def imagenette224_two_phase(path: str = "../shared/datasets/imagenette224") -> TrainConfig:
+    """Two phases (AdvXL's web data + ImageNet-1K recipe, Table 4, at Imagenette scale): ViT-S/16 pre-trained
+    adversarially against the frozen CLIPA ViT-H/14 text tower's features of the shards' captions (112 px, PGD-1),
+    then fine-tuned on the same shards' labels (224 px, PGD-3, fresh head). imagenette224's schedule, split in two.
+
+    Needs the CLIPA weights (``open_clip``, the Hugging Face hub) and the ``transformers`` package (its tokenizer).
+    """
+    coarse, fine = two_stage(coarse_samples=240_000, fine_samples=36_000, coarse_size=112, fine_size=224, warmup=15_000)
+    data = Data(
+        kind="wds", path=path, train_split="train", val_split="val", batch_size=128, num_workers=8, in_memory=True
+    )
+    return TrainConfig(
+        model=Model(name="vit_small_patch16_224", num_classes=1024, drop_path=0.1),  # 1024: the text width
+        optim=Optim(lr=1e-3, weight_decay=0.05, ema_decay=None),
+        augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.0, cutmix=0.0),
+        data=data,
+        stages=(coarse,),
+        clip_text=ClipText(tower="ViT-H-14-CLIPA", pretrained="datacomp1b"),
+        finetune=Finetune(
+            num_classes=10,
+            data=data,
+            stages=(fine,),
+            optim=Optim(lr=1e-3, weight_decay=0.05, ema_decay=None),
+            augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
+        ),
+        run=Run(out_dir="runs/advxl-imagenette-two-phase", checkpoint_every=60_000),
+    )
+
+
+def imagenette224_two_phase_tiny(path: str = "../shared/datasets/imagenette224") -> TrainConfig:
+    """:func:`imagenette224_two_phase` on a CPU in minutes: a 2-block, 32-wide random-init ViT (patch 8) and a tiny
+    random-init open_clip text tower (advtrain.losses.tiny_text_tower, no download); 32 px PGD-1 on the captions,
+    then 64 px PGD-2 on the labels. It shows the plumbing, not AdvXL's numbers."""
+    eps = 4 / 255
+    data = Data(
+        kind="wds",
+        path=path,
+        train_split="train",
+        val_split="val",
+        batch_size=32,
+        num_workers=0,
+        in_memory=False,  # streamed: the run reads a part of the shards, decoding only what it uses
+        val_samples=160,
+    )
+    augment = Augment(randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, crop_scale=(0.35, 1.0))
+    evaluate = Eval(eps=eps, pgd_steps=5, pgd_step_size=1 / 255)
+    return TrainConfig(
+        model=Model(
+            name="vit_tiny_patch16_224",
+            num_classes=32,  # the tiny text tower's width
+            drop_path=0.0,
+            kwargs=dict(
+                patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=64, global_pool="avg", class_token=False
+            ),
+        ),
+        optim=Optim(lr=2e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0),
+        augment=augment,
+        data=data,
+        stages=(
+            Stage(
+                name="coarse",
+                samples=6_000,
+                img_size=32,
+                reducer="resize",
+                attack=Attack(eps=eps, step_size=eps, steps=1),
+                warmup_samples=128,
+            ),
+        ),
+        eval=evaluate,
+        clip_text=ClipText(tower="tiny", pretrained=None, templates=("a photo of a {}.",)),
+        finetune=Finetune(
+            num_classes=10,
+            data=data,
+            stages=(
+                Stage(
+                    name="fine",
+                    samples=3_000,
+                    img_size=64,
+                    attack=Attack(eps=eps, step_size=eps / 2, steps=2),
+                    warmup_samples=64,
+                ),
+            ),
+            optim=Optim(lr=1e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0),
+            augment=augment,
+            eval=evaluate,
+        ),
+        run=Run(
+            out_dir="runs/advxl-two-phase-tiny", precision="fp32", checkpoint_every=100_000, log_every=8, threads=1
+        ),
+    )
+
+
 PRESETS = {
     f.__name__: f
-    for f in (embedded, imagenette224, cifar10, imagenet_vit_b16, imagenet_vit_l16, imagenet_vit_s_convstem)
+    for f in (
+        embedded,
+        imagenette224,
+        cifar10,
+        imagenet_vit_b16,
+        imagenet_vit_l16,
+        imagenet_vit_s_convstem,
+        imagenette224_two_phase,
+        imagenette224_two_phase_tiny,
+    )
 }
 
 

@@ -23,7 +23,7 @@ import dataclasses
 from pathlib import Path
 
 from recipes import cli
-from recipes.advxl.config import PRESETS, TrainConfig, preset
+from recipes.advxl.config import PRESETS, TrainConfig, phases, preset
 
 
 def parse(argv: list[str] | None = None):
@@ -47,7 +47,10 @@ def standard_twin(cfg: TrainConfig) -> TrainConfig:
 
 def runs(cfg: TrainConfig) -> dict[str, TrainConfig]:
     """The training runs of a launch: ``cfg`` itself, or with ``run.compare_standard`` an adversarial and a
-    standard run in ``out_dir/adversarial`` and ``out_dir/standard``."""
+    standard run in ``out_dir/adversarial`` and ``out_dir/standard``, or a two-phase job's (``finetune`` set)
+    pre-training and fine-tuning runs in ``out_dir/pretrain`` and ``out_dir/finetune`` (config.phases)."""
+    if cfg.finetune is not None:
+        return phases(cfg)
     if not cfg.run.compare_standard:
         return {"run": cfg}
     adv = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run.out_dir) / "adversarial")))
@@ -69,10 +72,31 @@ def comparison_table(adv: dict, std: dict, cfg: TrainConfig) -> str:
     )
 
 
+def phases_table(results: dict, cfgs: dict[str, TrainConfig]) -> str:
+    """A two-phase job's table: each phase's last evaluation (phase 1 zero-shot through the class names)."""
+    lines = [
+        "| phase | objective | stage | px | clean top-1 (%) | PGD top-1 (%) | train+eval time (s) |",
+        "|---" * 7 + "|",
+    ]
+    for label, r in results.items():
+        c, e = cfgs[label], r["evals"][-1]
+        how = "contrastive vs caption features (zero-shot eval)" if c.clip_text else "supervised on labels"
+        pgd = f"{100 * e[f'pgd{c.eval.pgd_steps}']:.2f} (PGD-{c.eval.pgd_steps})"
+        lines.append(f"| {label} | {how} | {e['stage']} | {e['img_size']} | {100 * e['clean']:.2f} | {pgd} | ")
+        lines[-1] += f"{r['seconds']:.0f} |"
+    return "\n".join(lines) + f"\n\n{e['n']} validation images, eps {c.eval.eps:.4f}\n"
+
+
 def run_local(cfg: TrainConfig) -> dict:
     from recipes.advxl import train
 
-    results = {label: train.main(c) for label, c in runs(cfg).items()}
+    cfgs = runs(cfg)
+    results = {label: train.main(c) for label, c in cfgs.items()}
+    if cfg.finetune is not None:
+        table = phases_table(results, cfgs)
+        Path(cfg.run.out_dir, "phases.md").write_text(table)
+        print("\n" + table)
+        return results | {"table": table}
     if not cfg.run.compare_standard:
         return results["run"]
     table = comparison_table(results["adversarial"], results["standard"], cfg)
@@ -88,7 +112,14 @@ def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
     """
     from recipes.advxl.train import validate
 
-    return cli.check_runs(list(runs(cfg).values()), world, validate=validate, files=files)
+    cfgs = list(runs(cfg).values())
+    made = {c.model.init for c in cfgs[1:]} if cfg.finetune is not None else set()  # phase 1 writes phase 2's init
+
+    def check_one(c: TrainConfig) -> None:
+        unmade = c.model.init in made and not Path(c.model.init).exists()
+        validate(dataclasses.replace(c, model=dataclasses.replace(c.model, init=None)) if unmade else c)
+
+    return cli.check_runs(cfgs, world, validate=check_one, files=files)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,7 +103,8 @@ def load_init_weights(cfg: TrainConfig, model: Normalized, log) -> None:
     ``timm:<name.tag>`` downloads timm's pretrained weights (needs internet); anything else is a local file
     holding a state_dict (a bare one, a ``{"model": ...}`` checkpoint of this recipe, or timm's). Position
     embeddings are resampled to this model's grid (timm's ``checkpoint_filter_fn``); tensors whose shapes still
-    differ (a head with another class count) are skipped and reported.
+    differ (a head with another class count) are skipped and reported, and a CLIP-text checkpoint's head (a
+    projection into the text space) is never loaded into a class model: phase 2 of a two-phase job starts fresh.
     """
     src = cfg.model.init
     if src.startswith("timm:"):
@@ -115,7 +116,10 @@ def load_init_weights(cfg: TrainConfig, model: Normalized, log) -> None:
             raise FileNotFoundError(f"model.init {src!r} does not exist")
         sd = torch.load(src, map_location="cpu", weights_only=True)
         sd = sd.get("model", sd.get("state_dict", sd))
+        clip = "logit_scale" in sd and model.logit_scale is None  # a CLIP-text checkpoint's head maps to text space:
+        head = getattr(model.inner, "pretrained_cfg", {}).get("classifier", "head") if clip else "\0"  # start fresh
         sd = {k.removeprefix("inner."): v for k, v in sd.items() if k not in ("mean", "std", "logit_scale")}
+        sd = {k: v for k, v in sd.items() if k != head and not k.startswith(head + ".")}
     inner = model.inner
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -200,7 +204,7 @@ def train_step(cfg, model, raw, opt, ema, batch, stage: Stage, in_stage: int, st
     a = stage.attack
     if text is not None:  # CLIP-text mode: targets are the frozen text features of the captions
         y = text.features(batch[2]).to(dd.device)
-    loss_fn = text.attack_loss(raw) if text is not None else None
+    loss_fn = text.attack_loss(raw, y) if text is not None and a.steps else None  # one gather, on every rank
     ramp = min(1.0, (in_stage + 1) / stage.eps_warmup_samples) if stage.eps_warmup_samples else 1.0
     if a.steps:
         raw.eval()  # the attack sees the deterministic network (no drop path); pgd restores nothing else
@@ -246,12 +250,12 @@ class TextMode:
     def loss(self, raw: Normalized, image_features: Tensor, text_features: Tensor) -> Tensor:
         from advtrain.losses import clip_contrastive_loss
 
-        return clip_contrastive_loss(image_features, text_features, logit_scale=raw.logit_scale)
+        return clip_contrastive_loss(image_features, text_features, logit_scale=raw.logit_scale, gather=True)
 
-    def attack_loss(self, raw: Normalized):
-        from advtrain.losses import contrastive_attack_loss
+    def attack_loss(self, raw: Normalized, text_features: Tensor):  # the other ranks' captions as negatives
+        from advtrain.losses import contrastive_attack_loss, gather_other_ranks
 
-        return contrastive_attack_loss(logit_scale=raw.logit_scale)
+        return contrastive_attack_loss(logit_scale=raw.logit_scale, text_negatives=gather_other_ranks(text_features))
 
     def classifier(self, raw: nn.Module, names: list[str], templates) -> nn.Module:
         from advtrain.losses import ZeroShotHead, text_classifier
