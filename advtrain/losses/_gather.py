@@ -99,7 +99,7 @@ def gather_features(features: Tensor, *, group: dist.ProcessGroup | None = None,
     A collective: every rank of ``group`` must call it, in the same order, with features of the same shape (checked
     with one extra small ``all_gather`` of the shapes; a mismatch raises on every rank). Do not call it where ranks
     may take different paths (an attack's inner loop, or evaluation batches of uneven size). Without an initialized
-    process group, or with one rank, it returns ``features`` (times nothing: ``grad_scale`` is 1 there).
+    process group, or with one rank, it returns ``features`` itself (``grad_scale`` does not apply).
 
     Args:
         features: ``(B, ...)`` this rank's rows, any dtype and device the backend supports (NCCL: CUDA tensors).

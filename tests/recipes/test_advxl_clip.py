@@ -152,3 +152,14 @@ def test_two_gloo_ranks_train_clip_mode_with_global_negatives_in_lockstep(tmp_pa
     assert any(r["kind"] == "eval" for r in rows) and all(
         torch.isfinite(torch.tensor(r["loss"])) for r in rows if r["kind"] == "train"
     )
+
+
+def test_a_submitted_two_phase_job_gets_absolute_paths_for_both_data_sections(shared_datasets, monkeypatch):
+    from recipes.cluster import absolute_paths
+
+    monkeypatch.chdir(shared_datasets.parent)  # ../shared: the presets' relative data paths resolve from a worktree
+    rel = "datasets/imagenette224"
+    cfg = override(preset("imagenette224_two_phase_tiny"), [f"data.path={rel}", f"finetune.data.path={rel}"])
+    out = absolute_paths(cfg)
+    assert out.data.path == out.finetune.data.path == str((shared_datasets / "imagenette224").resolve())
+    assert phases(out)["finetune"].model.init.startswith(out.run.out_dir)  # phase 2's init follows the absolute dir
