@@ -90,6 +90,8 @@ class Adv:
     step_size: float = 1 / 255  # per PGD step, same units
     steps: int = 1  # fast_advprop: PGD-K, every step a recycled (trained-on) pass
     advprop_steps: int = 5  # advprop: PGD-K of the paired baseline (5: Xie et al.'s default; 1: the cheap one)
+    advprop_targeted: bool = True  # advprop: PGD towards a random other class (Xie et al.); false: untargeted
+    #                                (fast_advprop always attacks untargeted, its Sec. 3.2.2 change)
     beta: float = 0.5  # fast_advprop: loss weight of each noisy / intermediate pass and of the adversarial pass
     random_start: bool = True  # start PGD uniformly inside the eps-ball (fast_advprop: the "noisy images")
     shuffle_bn: bool = True  # fast_advprop: re-deal attacked rows over BN groups before the adversarial pass

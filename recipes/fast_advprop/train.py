@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from advtrain import pgd, project
+from advtrain.attacks import random_targets
 from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, shuffle_across_ranks,
                          shuffle_permutation)
 from advtrain.data import (BadSampleBudget, ShardSource, check_run_sources, epoch_size, eval_subset, make_loader,
@@ -225,13 +226,19 @@ def fast_advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
     return {"loss": total / (n_clean + n_aux)} | out
 
 
-def advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
-    """AdvProp: PGD-K on every image through the auxiliary BN (train mode), then a clean and an adversarial pass."""
+def advprop_attack(cfg: TrainConfig, raw: nn.Module, x: Tensor, y: Tensor, g: torch.Generator, dd: Dist) -> Tensor:
+    """AdvProp's PGD-K through the auxiliary BN in train mode (batch statistics, as the training pass; pgd restores
+    the running statistics it moves), towards a random other class drawn from ``g`` (Xie et al.), or untargeted."""
     a = cfg.adv
+    t = random_targets(y, cfg.model.num_classes, generator=g) if a.advprop_targeted else y
     with bn(raw, "adv", a.bn_groups), autocast(cfg.run.precision, dd.device):
-        # batch statistics, as the training pass; pgd restores the running statistics it moves
-        x_adv = pgd(raw, x, y, eps=a.eps, step_size=a.step_size, steps=a.advprop_steps, norm="linf",
-                    random_start=a.random_start, loss_fn=training_loss(cfg), generator=g)
+        return pgd(raw, x, t, eps=a.eps, step_size=a.step_size, steps=a.advprop_steps, norm="linf",
+                   targeted=a.advprop_targeted, random_start=a.random_start, loss_fn=training_loss(cfg), generator=g)
+
+
+def advprop_step(cfg, model, raw, opt, x, y, step, g, mixup, dd) -> dict:
+    """AdvProp: PGD-K on every image (advprop_attack), then a clean pass (main BNs) and an adversarial one (aux)."""
+    x_adv = advprop_attack(cfg, raw, x, y, g, dd)
     xc, yc = mix(cfg, mixup, x, y, step, dd)
     loss_c, acc_c = train_pass(cfg, model, raw, xc, yc, route="clean", weight=1.0, last=False, dd=dd)
     loss_a, acc_a = train_pass(cfg, model, raw, x_adv, y, route="adv", weight=1.0, last=True, dd=dd)
