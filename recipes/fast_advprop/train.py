@@ -46,7 +46,7 @@ from advtrain.bn import (bn_route, convert_split_bn_, exchange_rows, ghost_bn, s
                          shuffle_permutation)
 from advtrain.data import (BadSampleBudget, ShardSource, check_run_sources, epoch_size, eval_subset, make_loader,
                            sources_from_config)
-from advtrain.eval import corruption_errors, recipe_eval
+from advtrain.eval import check_shift_sets, corruption_bars, model_classes, recipe_eval, shift_eval, shift_table
 from advtrain.losses import cross_entropy
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
@@ -281,18 +281,23 @@ def run_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist, *, corruptions:
     out = recipe_eval(raw, batches, norms=("linf",), eps={"linf": e.eps}, pgd_steps=e.pgd_steps,
                       pgd_step_size=e.pgd_step_size, autoattack_samples=e.autoattack_samples, seed=cfg.run.seed,
                       results=results, progress=interactive(), distributed=False)  # rank 0 only
-    if corruptions and e.corruptions:
+    if corruptions and (e.corruptions or e.imagenet_r or e.stylized):
         out |= corruption_eval(cfg, raw, val_ds, dd)
     return out
 
 
 def corruption_eval(cfg: TrainConfig, raw: nn.Module, val_ds, dd: Dist) -> dict:
-    """Top-1 error under every (corruption, severity) and their mean (advtrain.eval.corruption_errors)."""
-    images, labels = eval_subset(val_ds, cfg.eval.corruption_samples, seed=cfg.run.seed)  # a fixed subset
+    """ImageNet-C (the official folders, else regenerated on a fixed validation subset), ImageNet-R and
+    Stylized-ImageNet: top-1 errors, mean corruption error and mCE (advtrain.eval.shift_eval)."""
+    e, d = cfg.eval, cfg.data
     with autocast(cfg.run.precision, dd.device):
-        return corruption_errors(raw, images, labels, corruptions=cfg.eval.corruptions, severities=cfg.eval.severities,
-                                 seed=cfg.run.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                 device=dd.device, progress=interactive())
+        return shift_eval(raw, classes=model_classes(d, num_classes=cfg.model.num_classes),
+                          corruptions=e.corruptions, severities=e.severities, imagenet_c=e.imagenet_c,
+                          imagenet_r=e.imagenet_r, stylized=e.stylized, samples=e.folder_samples,
+                          fallback=lambda: eval_subset(val_ds, e.corruption_samples, seed=cfg.run.seed),
+                          size=d.img_size, crop_pct=d.crop_pct, interpolation=cfg.augment.interpolation,
+                          seed=cfg.run.seed, batch_size=d.batch_size, num_workers=d.num_workers, device=dd.device,
+                          progress=interactive())
 
 
 # ================================================================================================ validation
@@ -320,32 +325,15 @@ def validate(cfg: TrainConfig) -> None:
     check_run_sources(train, val, world=int(os.environ.get("WORLD_SIZE", "1")), num_workers=d.num_workers,
                       batch_size=d.batch_size, epoch=d.train_size, val_samples=d.val_samples, need_epoch=True,
                       need_val_samples=True)
-    if isinstance(val, ShardSource) and cfg.eval.corruptions and cfg.eval.corruption_samples is None:
+    e = cfg.eval
+    if isinstance(val, ShardSource) and e.corruptions and not e.imagenet_c and e.corruption_samples is None:
         raise ValueError("streaming validation data needs eval.corruption_samples for the corruptions")
-    if cfg.eval.corruptions:
-        try:
-            from imagecorruptions import get_corruption_names
-        except ImportError as err:
-            raise ValueError(f"eval.corruptions needs the imagecorruptions library "
-                             f"(pip install 'advtrain[corruptions]'), or set eval.corruptions=[]: {err}") from None
-        unknown = sorted(set(cfg.eval.corruptions) - set(get_corruption_names("all")))
-        if unknown:
-            raise ValueError(f"unknown corruptions {unknown}; choose from {get_corruption_names('all')}")
+    check_shift_sets(classes=model_classes(d, num_classes=cfg.model.num_classes), corruptions=e.corruptions,
+                     severities=e.severities, imagenet_c=e.imagenet_c, imagenet_r=e.imagenet_r, stylized=e.stylized,
+                     prefix="eval.")  # the folders (ImageNet-C/-R/Stylized), else the on-the-fly corruptions' library
 
 
 # ================================================================================================ run directory
-
-
-def _corruption_bars(ax, evals: list[dict]) -> None:
-    last = next((r for r in reversed(evals) if "corruption_errors" in r), None)
-    if last is None:
-        ax.axis("off")
-        return
-    names = list(last["corruption_errors"])
-    ax.barh(names, [100 * sum(v) / len(v) for v in last["corruption_errors"].values()])
-    ax.invert_yaxis()
-    ax.set(xlabel="top-1 error (%), mean over severities",
-           title=f"corruptions: mean {100 * last['corruption_error']:.1f}%")
 
 
 def plot(run: RunDir, cfg: TrainConfig, total: int) -> Path | None:
@@ -359,7 +347,7 @@ def plot(run: RunDir, cfg: TrainConfig, total: int) -> Path | None:
                     labels=passes),
               Panel(title="evaluation", ylabel="top-1 (%)", kind="eval", scale=100,
                     keys=lambda k: k == "clean" or (k.startswith("pgd") and k[3:].isdigit())),
-              Panel(title="corruptions", kind="eval", draw=_corruption_bars)]
+              Panel(title="corruptions", kind="eval", draw=corruption_bars)]
     return plot_metrics(read_metrics(run.metrics_path), run.path / "metrics.png", panels=panels, total=total)
 
 
@@ -373,15 +361,10 @@ def results_table(evals: list[dict], cfg: TrainConfig) -> str:
         ce = f"{100 * e['corruption_error']:.2f}" if "corruption_error" in e else "-"
         pg = f"{100 * e[key]:.2f}" if key in e else "-"
         lines.append(f"| {e['samples']} | {e['epoch']:.2f} | {100 * e['clean']:.2f} | {pg} | {ce} |")
-    last = next((e for e in reversed(evals) if "corruption_errors" in e), None)
+    shift = ("corruption_errors", "imagenet_r_error", "stylized_error")
+    last = next((e for e in reversed(evals) if any(k in e for k in shift)), None)
     if last:
-        sev = cfg.eval.severities
-        lines += ["", f"Corruption top-1 error (%) on {last['corruption_n']} validation images:", "",
-                  "| corruption | " + " | ".join(f"s{s}" for s in sev) + " | mean |",
-                  "|---|" + "---|" * (len(sev) + 1)]
-        for name, errs in last["corruption_errors"].items():
-            cells = " | ".join(f"{100 * v:.1f}" for v in errs)
-            lines.append(f"| {name} | {cells} | {100 * sum(errs) / len(errs):.1f} |")
+        lines += ["", shift_table(last, cfg.eval.severities)]
     return "\n".join(lines) + "\n"
 
 
