@@ -236,6 +236,20 @@ def test_optimizer_and_eval_values_are_checked():
             ValueError,
             "at least 32 px",
         ),
+        (  # digits have no wnids to read ImageNet-R's class folders with
+            lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, imagenet_r=str(t))),
+            ValueError,
+            "eval.imagenet_r need the model's classes as wnids",
+        ),
+        (  # a 1000-class model reads the folders with ImageNet-1K's wnids
+            lambda c, t: dataclasses.replace(
+                c,
+                model=dataclasses.replace(c.model, num_classes=1000),
+                eval=dataclasses.replace(c.eval, imagenet_c=str(t / "ImageNet-C")),
+            ),
+            FileNotFoundError,
+            "eval.imagenet_c: .*ImageNet-C' is not a folder",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
@@ -518,6 +532,48 @@ def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_librar
     assert {k: pytest.approx(v) for k, v in expected.items()} == got["corruption_errors"]
     assert got["corruption_error"] == pytest.approx(sum(sum(v) for v in expected.values()) / 4)
     assert got["corruption_n"] == 6 and expected["brightness"][1] > 0 and expected["impulse_noise"][1] > 0
+    assert got["corruption_source"] == "ImageNet-C (on-the-fly regeneration of 6 images, not the official release)"
+    assert got["corruption_mce"] is None  # severities 1 and 5 only: ImageNet-C's mCE averages all five
+
+
+def test_official_folders_are_read_with_the_training_wnids_and_named_in_the_results(tmp_path, shared_datasets):
+    """eval.imagenet_c / imagenet_r / stylized: the labels are the training manifest's classes; results name them."""
+    from advtrain.eval import ALEXNET_ERRORS
+    from tests.eval.test_shift import Constant, imagenette_jpegs, write_folder
+
+    wnids, samples = imagenette_jpegs(shared_datasets, 8)
+    (tmp_path / "shards").mkdir()  # the training shards' manifest names the classes (imagenette's 10 wnids)
+    (tmp_path / "shards" / "manifest.json").write_text(
+        (shared_datasets / "imagenette224" / "manifest.json").read_text()
+    )
+    for sev in (1, 2, 3, 4, 5):
+        write_folder(tmp_path / "c" / "fog" / str(sev), samples)
+    write_folder(tmp_path / "r", samples[:4], ext=".jpg")
+    write_folder(tmp_path / "sin", samples[4:])
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, kind="wds", path=str(tmp_path / "shards")),
+        eval=dataclasses.replace(
+            cfg.eval,
+            corruptions=("fog",),
+            severities=(1, 2, 3, 4, 5),
+            imagenet_c=str(tmp_path / "c"),
+            imagenet_r=str(tmp_path / "r"),
+            stylized=str(tmp_path / "sin"),
+        ),
+    )
+    w0 = samples[0][1]
+    got = train.corruption_eval(cfg, Constant(wnids.index(w0), 10), None, train.Dist())
+    err = sum(w != w0 for _, w in samples) / 8
+    assert got["corruption_errors"] == {"fog": [pytest.approx(err)] * 5} and got["corruption_n"] == 8
+    assert got["corruption_mce"] == pytest.approx(err / ALEXNET_ERRORS["fog"])
+    assert got["imagenet_r_error"] == pytest.approx(sum(w != w0 for _, w in samples[:4]) / 4)
+    assert got["stylized_error"] == pytest.approx(sum(w != w0 for _, w in samples[4:]) / 4)
+    table = train.results_table([got | {"samples": 20, "epoch": 1.0, "clean": 0.5}], cfg)
+    assert f"ImageNet-C (official, from {tmp_path / 'c'}): mean top-1 error {100 * err:.2f}%" in table
+    assert f"ImageNet-R (from {tmp_path / 'r'}, 4 images): top-1 error" in table and "| fog |" in table
+    assert f"Stylized-ImageNet (from {tmp_path / 'sin'}, 4 images)" in table
 
 
 def _ddp_worker(rank: int, out_dir: str):
