@@ -11,10 +11,10 @@ def random_targets(y: Tensor, num_classes: int, *, generator: torch.Generator | 
 
     .. math:: t_i = (y_i + o_i) \bmod K, \qquad o_i \sim \mathcal{U}\{1, \dots, K - 1\},
 
-    so :math:`t_i \ne y_i` always and every other class has probability :math:`1 / (K - 1)`. This is the target
-    of the PGD attack that AdvProp trains on (the attacker of Xie et al.'s Feature Denoising code, which AdvProp
-    reuses: the offset is drawn from ``[1, K)``); pass it to :func:`advtrain.pgd` with ``targeted=True``. One
-    draw of ``B`` integers from ``generator`` (on the generator's device), so a run seeded per step replays it.
+    so :math:`t_i \ne y_i` always and every other class has probability :math:`1 / (K - 1)`: the random target of
+    AdvProp's training attack (Xie et al.), with the offset range of the targeted PGD attacker in Xie et al.'s
+    Feature Denoising code (``[1, K)``). Pass it to :func:`advtrain.pgd` with ``targeted=True``. One draw of
+    ``B`` integers from ``generator`` (on the generator's device), so a run seeded per step replays it.
 
     Args:
         y: ``(B,)`` integer labels in ``[0, num_classes)``.

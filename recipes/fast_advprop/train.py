@@ -17,8 +17,8 @@ A Fast AdvProp step on a batch of B images (Algorithm 1; the authors' ``imagenet
 
 Cost: (1 - p) B + p B K + p B = (1 + p K) B image passes, 1.2x vanilla per epoch at p = 0.2, K = 1; the
 run trains epochs / 1.2 epochs so that the total equals vanilla training. Baselines: ``vanilla`` (clean images,
-main BN) and ``advprop`` (every image attacked with PGD-K through the auxiliary BN in train mode; clean and
-adversarial losses weight 1; (K + 2)x per epoch).
+main BN) and ``advprop`` (every image attacked with PGD-K towards a random other class through the auxiliary BN
+in train mode; clean and adversarial losses weight 1; (K + 2)x per epoch).
 
 Claim (embedded preset: a width-16 ResNet-10-T on scikit-learn's digits, one CPU thread, seed 0, 28 vanilla
 epochs of budget, 4.9 min for the four runs): Fast AdvProp 99.11% clean, 80.44% PGD-10 (8/255), 30.92% mean
