@@ -349,7 +349,7 @@ def imagenet_c_errors(
     Returns:
         ``{"corruption_error": mean over types x severities, "corruption_errors": {name: [error per severity]},
         "corruption_n": images per folder, "corruption_mce": mean_corruption_error (or None),
-        "corruption_source": a label naming the folder}``.
+        "corruption_source": a label naming the folder, "corruption_official": True}``.
     """
     errs = {}
     counts = set()
@@ -379,6 +379,7 @@ def imagenet_c_errors(
         "corruption_n": n,
         "corruption_mce": mean_corruption_error(errs, severities),
         "corruption_source": f"ImageNet-C (official, from {root})",
+        "corruption_official": True,
     }
 
 
@@ -461,9 +462,9 @@ def shift_eval(
         seed, batch_size, num_workers, device, progress: see :func:`folder_error`.
 
     Returns:
-        The :func:`imagenet_c_errors` keys (or :func:`advtrain.eval.corruption_errors`' plus ``corruption_mce``
-        and ``corruption_source``), ``imagenet_r_error`` / ``imagenet_r_n`` and ``stylized_error`` /
-        ``stylized_n`` for the sets given.
+        The :func:`imagenet_c_errors` keys (or :func:`advtrain.eval.corruption_errors`' plus ``corruption_mce``,
+        ``corruption_source`` and ``corruption_official`` False), then ``imagenet_r_error`` / ``imagenet_r_n`` /
+        ``imagenet_r_source`` and ``stylized_error`` / ``stylized_n`` / ``stylized_source`` for the sets given.
 
     Raises:
         ValueError: a folder set without ``classes``; corruptions without ``imagenet_c`` or ``fallback``.
@@ -497,6 +498,7 @@ def shift_eval(
         out["corruption_source"] = (
             f"ImageNet-C (on-the-fly regeneration of {len(images)} images, not the official release)"
         )
+        out["corruption_official"] = False
     view = dict(classes=classes, size=size, crop_pct=crop_pct, interpolation=interpolation, samples=samples)
     if imagenet_r:
         out["imagenet_r_error"], out["imagenet_r_n"] = class_folder_error(
@@ -518,7 +520,7 @@ def shift_table(result: dict, severities: Sequence[int]) -> str:
     if "corruption_errors" in result:
         src = result.get("corruption_source", "ImageNet-C")
         mce = result.get("corruption_mce")
-        approx = ", indicative: other images than AlexNet's" if "official" not in src else ""
+        approx = "" if result.get("corruption_official") else ", indicative: other images than AlexNet's"
         mce_s = f"; mCE {100 * mce:.2f}% (AlexNet-normalized{approx})" if mce is not None else ""
         lines += [
             f"{src}: mean top-1 error {100 * result['corruption_error']:.2f}% on {result['corruption_n']} images "
@@ -546,5 +548,5 @@ def corruption_bars(ax, evals: list[dict]) -> None:
     names = list(last["corruption_errors"])
     ax.barh(names, [100 * sum(v) / len(v) for v in last["corruption_errors"].values()])
     ax.invert_yaxis()
-    what = "ImageNet-C" if "official" in last.get("corruption_source", "") else "corruptions (regenerated)"
+    what = "ImageNet-C" if last.get("corruption_official") else "corruptions (regenerated)"
     ax.set(xlabel="top-1 error (%), mean over severities", title=f"{what}: mean {100 * last['corruption_error']:.1f}%")

@@ -103,7 +103,7 @@ def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> 
             f"{len(c.eval.corruptions)} corruptions x {len(c.eval.severities)} severities on {e['corruption_n']} images"
         )
         if e.get("corruption_mce") is not None:  # AlexNet's errors are the official release's
-            approx = "" if "official" in e.get("corruption_source", "") else ", indicative: other images than AlexNet's"
+            approx = "" if e.get("corruption_official") else ", indicative: other images than AlexNet's"
             note += f"; mCE {100 * e['corruption_mce']:.2f}% (AlexNet-normalized{approx})"
         note += "."
     for key in ("imagenet_r", "stylized"):  # the folder sets, one line per method

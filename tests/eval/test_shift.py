@@ -163,6 +163,11 @@ def test_shift_eval_labels_the_fallback_and_the_official_release(tmp_path, share
     assert f"ImageNet-C (official, from {root}): mean top-1 error" in text and "| contrast |" in text
     assert "ImageNet-R (from" in text and "Stylized-ImageNet (from" in text
     assert "on-the-fly regeneration of 6 images" in shift_table(fb, (1,))
+    assert (off["corruption_official"], fb["corruption_official"]) == (True, False)
+    fb5 = dict(fb, corruption_errors={"contrast": [0.5] * 5}, corruption_mce=0.5 / ALEXNET_ERRORS["contrast"])
+    assert "(AlexNet-normalized, indicative: other images than AlexNet's)" in shift_table(fb5, (1, 2, 3, 4, 5))
+    off5 = dict(off, corruption_errors={"contrast": [0.5] * 5}, corruption_mce=0.5 / ALEXNET_ERRORS["contrast"])
+    assert "(AlexNet-normalized)" in shift_table(off5, (1, 2, 3, 4, 5))
 
 
 def test_mce_is_alexnet_normalized_and_undefined_outside_its_protocol():

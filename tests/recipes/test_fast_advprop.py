@@ -695,3 +695,22 @@ def test_streamed_shards_with_bad_samples_train_and_count_them(tmp_path):
     assert last["bad_decode"] >= 1 and last["bad_label"] >= 1  # 100 samples read = 2.5 passes over the 40
     assert last["bad_samples"] == last["bad_decode"] + last["bad_label"] <= 2 * 3
     assert last["data_wait_s"] >= 0 and last["img_per_s"] > 0
+
+
+def test_comparison_table_names_the_corruption_source_and_the_folder_sets(tmp_path):
+    from recipes.fast_advprop.launch import comparison_table
+
+    cfgs = baselines(tiny(tmp_path))
+    errs = {"fog": [0.5] * 5}
+    fallback = {"corruption_source": "ImageNet-C (on-the-fly regeneration of 8 images, not the official release)"}
+    ev = {"clean": 0.9, "pgd2": 0.5, "n": 32, "corruption_error": 0.5, "corruption_n": 8, "corruption_errors": errs}
+    ev |= fallback | {"corruption_official": False, "corruption_mce": 0.61}
+    results = {k: {"evals": [ev], "train_seconds": 1.0} for k in cfgs}
+    table = comparison_table(results, cfgs)
+    assert f"Corruption error: {fallback['corruption_source']}, mean top-1 error" in table
+    assert "mCE 61.00% (AlexNet-normalized, indicative: other images than AlexNet's)." in table
+    official = ev | {"corruption_source": "ImageNet-C (official, from /d/c)", "corruption_official": True}
+    official |= {"imagenet_r_error": 0.25, "imagenet_r_source": "ImageNet-R (from /d/r, 4 images)"}
+    table = comparison_table({k: {"evals": [official], "train_seconds": 1.0} for k in cfgs}, cfgs)
+    assert "ImageNet-C (official, from /d/c)" in table and "mCE 61.00% (AlexNet-normalized)." in table
+    assert "ImageNet-R (from /d/r, 4 images), top-1 error (%): Fast AdvProp 25.00, vanilla 25.00" in table
