@@ -21,10 +21,10 @@ main BN) and ``advprop`` (every image attacked with PGD-K towards a random other
 in train mode; clean and adversarial losses weight 1; (K + 2)x per epoch).
 
 Claim (embedded preset: a width-16 ResNet-10-T on scikit-learn's digits, one CPU thread, seed 0, 28 vanilla
-epochs of budget, 4.9 min for the four runs): Fast AdvProp 99.11% clean, 80.44% PGD-10 (8/255), 30.92% mean
-corruption error; vanilla 100.00 / 53.56 / 33.50; AdvProp PGD-5 96.00 / 71.56 / 39.50; AdvProp PGD-1
-98.89 / 85.11 / 34.03 (recipes/fast_advprop/README.md). CPU benchmark: a Fast AdvProp step costs 1.23x a
-vanilla step (benchmarks/fast_advprop_cpu.py; the paper's accounting: 1.2x).
+epochs of budget, 5.1 min for the four runs on a shared machine, 2026-12-02): Fast AdvProp 99.56% clean, 88.00%
+PGD-10 (8/255), 33.61% mean corruption error (regenerated); vanilla 99.33 / 86.00 / 34.08; targeted AdvProp PGD-5
+97.33 / 62.44 / 44.09, PGD-1 99.56 / 73.56 / 37.63 (recipes/fast_advprop/README.md). CPU benchmark: a Fast
+AdvProp step costs 1.23x a vanilla step (benchmarks/fast_advprop_cpu.py; the paper's accounting: 1.2x).
 
 Run it through ``python -m recipes.fast_advprop.launch``; ``main(cfg)`` is the entry point for one process (DDP
 when ``WORLD_SIZE > 1``).
