@@ -16,6 +16,7 @@ from advtrain.attacks._guard import NonFiniteWarning
 from advtrain.attacks._pgd import fgsm, pgd, random_in_ball
 from advtrain.attacks._project import project
 from advtrain.attacks._projections import Norm
+from advtrain.attacks._targets import random_targets
 
 __all__ = [
     "DetachedParams",
@@ -27,4 +28,5 @@ __all__ = [
     "pgd",
     "project",
     "random_in_ball",
+    "random_targets",
 ]

@@ -201,10 +201,20 @@ class ImageFolderSource(_MapSource):
     Classes and files are listed with torchvision's ``find_classes`` / ``make_dataset`` (sorted, like
     ``ImageFolder``). A file that cannot be read or decoded is replaced by the next one and recorded.
 
+    With ``classes`` (e.g. the 1000 ImageNet wnids of a model's outputs), labels index that list instead of the
+    folder's own sorted classes: an evaluation set holding a subset of the classes (ImageNet-R's 200 wnids, one
+    corruption's folder of ImageNet-C) gets the labels the model was trained with. ``folder_classes`` lists the
+    class folders found either way.
+
     Args:
         root: the split's folder (``.../train``).
         transform: ``transform(bytes, generator) -> (3, H, W) uint8``.
         extensions: image file extensions to list (lower case, with the dot).
+        classes: the label order (class folder names); None: the folder's own sorted class folders.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: with ``classes``, a class folder that is not among them (the message names a few).
     """
 
     def __init__(
@@ -213,13 +223,24 @@ class ImageFolderSource(_MapSource):
         *,
         transform: Transform | None = None,
         extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff"),
+        classes: Sequence[str] | None = None,
     ):
         from torchvision.datasets.folder import find_classes, make_dataset
 
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a folder: expected class folders under it")
-        self.classes, self.class_to_idx = find_classes(str(self.root))
+        self.folder_classes, self.class_to_idx = find_classes(str(self.root))
+        self.classes = self.folder_classes
+        if classes is not None:
+            order = {c: i for i, c in enumerate(classes)}
+            unknown = [c for c in self.folder_classes if c not in order]
+            if unknown:
+                raise ValueError(
+                    f"{self.root}: {len(unknown)} class folder(s) are not among the {len(order)} classes given "
+                    f"(e.g. {unknown[:3]})"
+                )
+            self.classes, self.class_to_idx = list(classes), {c: order[c] for c in self.folder_classes}
         self.samples = make_dataset(str(self.root), self.class_to_idx, extensions=extensions)
         self.transform = transform
 

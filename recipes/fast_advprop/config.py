@@ -90,6 +90,8 @@ class Adv:
     step_size: float = 1 / 255  # per PGD step, same units
     steps: int = 1  # fast_advprop: PGD-K, every step a recycled (trained-on) pass
     advprop_steps: int = 5  # advprop: PGD-K of the paired baseline (5: Xie et al.'s default; 1: the cheap one)
+    advprop_targeted: bool = True  # advprop: PGD towards a random other class (Xie et al.); false: untargeted
+    #                                (fast_advprop always attacks untargeted, its Sec. 3.2.2 change)
     beta: float = 0.5  # fast_advprop: loss weight of each noisy / intermediate pass and of the adversarial pass
     random_start: bool = True  # start PGD uniformly inside the eps-ball (fast_advprop: the "noisy images")
     shuffle_bn: bool = True  # fast_advprop: re-deal attacked rows over BN groups before the adversarial pass
@@ -156,6 +158,12 @@ class Eval:
     corruption_samples: int | None = None  # a fixed seeded subset of the validation set; None: all of it
     evals: int = 1  # clean + PGD evaluations spread evenly over training (the last at the end; corruptions then)
     autoattack_samples: int = 0  # 0: no AutoAttack; else l_inf AutoAttack on a seeded class-stratified subset
+    # Folders of the official sets (read at the end, with the model's classes as wnids: advtrain.eval.shift_eval)
+    imagenet_c: str | None = None  # ImageNet-C release: <root>/<corruption>/<severity>/<wnid>/*.JPEG; None: the
+    #                                corruptions are regenerated on the fly on corruption_samples validation images
+    imagenet_r: str | None = None  # ImageNet-R: <root>/<wnid>/*.jpg (200 classes; logits restricted to them)
+    stylized: str | None = None  # Stylized-ImageNet: <root>/<wnid>/* (the ImageNet val layout, 1000 classes)
+    folder_samples: int | None = None  # a seeded subset of each folder (each ImageNet-C pair); None: all images
 
     def __post_init__(self):
         if any(s not in (1, 2, 3, 4, 5) for s in self.severities) or (self.corruptions and not self.severities):
@@ -172,6 +180,14 @@ class Eval:
             value=self.corruption_samples,
             allowed="null (all) or an int >= 1",
         )
+        v.check(
+            self.folder_samples is None or self.folder_samples >= 1,
+            key="folder_samples",
+            value=self.folder_samples,
+            allowed="null (all) or an int >= 1",
+        )
+        if self.imagenet_c and not self.corruptions:
+            raise v.FieldError("imagenet_c", f"{self.imagenet_c!r} is set but eval.corruptions is empty")
         if len(set(self.corruptions)) != len(self.corruptions):
             raise v.FieldError("corruptions", f"{list(self.corruptions)} lists a corruption twice")
 
@@ -437,5 +453,5 @@ def check_consistency(cfg: TrainConfig, world: int = 1) -> None:
         raise ValueError("MixUp/CutMix apply to clean images only, and p_adv = 1 leaves none")
     if not 0 <= cfg.augment.label_smoothing < 1:
         raise ValueError(f"augment.label_smoothing must be in [0, 1); got {cfg.augment.label_smoothing}")
-    if cfg.eval.corruptions and cfg.data.img_size < 32:
+    if cfg.eval.corruptions and not cfg.eval.imagenet_c and cfg.data.img_size < 32:
         raise ValueError(f"the corruption library needs images of at least 32 px; data.img_size is {cfg.data.img_size}")

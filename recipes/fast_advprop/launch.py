@@ -99,9 +99,19 @@ def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> 
     )
     if "corruption_n" in e:
         note += (
-            f"Corruption error: mean top-1 error over {len(c.eval.corruptions)} corruptions x "
-            f"{len(c.eval.severities)} severities on {e['corruption_n']} images."
+            f"Corruption error: {e.get('corruption_source', 'ImageNet-C')}, mean top-1 error over "
+            f"{len(c.eval.corruptions)} corruptions x {len(c.eval.severities)} severities on {e['corruption_n']} images"
         )
+        if e.get("corruption_mce") is not None:  # AlexNet's errors are the official release's
+            approx = "" if e.get("corruption_official") else ", indicative: other images than AlexNet's"
+            note += f"; mCE {100 * e['corruption_mce']:.2f}% (AlexNet-normalized{approx})"
+        note += "."
+    for key in ("imagenet_r", "stylized"):  # the folder sets, one line per method
+        if f"{key}_error" in e:
+            errs = ", ".join(
+                f"{names.get(k, k)} {100 * r['evals'][-1][f'{key}_error']:.2f}" for k, r in results.items()
+            )
+            note += f"\n{e[f'{key}_source']}, top-1 error (%): {errs}."
     return "\n".join(lines) + "\n" + note + "\n"
 
 

@@ -367,6 +367,22 @@ def test_folder_source_replaces_an_unreadable_file_by_the_next_one(tmp_path, rea
     assert sum(len(b.keys) for b in ev) == 13 and Counter(keys_of(ev))["class1/img01.jpg"] == 2
 
 
+def test_folder_source_with_given_classes_labels_by_them_and_refuses_unknown_folders(tmp_path, real_samples):
+    """An evaluation set holding some of a model's classes (ImageNet-R's 200 of 1000) keeps the model's labels."""
+    for i, s in enumerate(real_samples[:6]):
+        d = tmp_path / ("n02" if i % 2 else "n01")
+        d.mkdir(exist_ok=True)
+        (d / f"img{i}.jpg").write_bytes(s["jpg"])
+    model_classes = ["n00", "n03", "n02", "n01"]
+    src = ImageFolderSource(tmp_path, transform=T32, classes=model_classes)
+    assert src.classes == model_classes and src.folder_classes == ["n01", "n02"]
+    assert sorted({src[i].label for i in range(len(src))}) == [2, 3]
+    assert [src[i].label for i in range(len(src))] == [3, 3, 3, 2, 2, 2]  # sorted folders: n01 first, then n02
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) are not among the 2 classes given \(e.g. \['n02'\]\)"):
+        ImageFolderSource(tmp_path, classes=["n01", "n03"])
+    assert ImageFolderSource(tmp_path).classes == ["n01", "n02"]  # without classes: the folder's own order
+
+
 def test_tensor_source_batches():  # data-wait timing: advtrain.training.StepTimer (tests/training/test_loop.py)
     x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     src = TensorSource(x, torch.arange(10), transform=train_transform(size=8, scale=(1, 1), ratio=(1, 1)))

@@ -236,6 +236,20 @@ def test_optimizer_and_eval_values_are_checked():
             ValueError,
             "at least 32 px",
         ),
+        (  # digits have no wnids to read ImageNet-R's class folders with
+            lambda c, t: dataclasses.replace(c, eval=dataclasses.replace(c.eval, imagenet_r=str(t))),
+            ValueError,
+            "eval.imagenet_r need the model's classes as wnids",
+        ),
+        (  # a 1000-class model reads the folders with ImageNet-1K's wnids
+            lambda c, t: dataclasses.replace(
+                c,
+                model=dataclasses.replace(c.model, num_classes=1000),
+                eval=dataclasses.replace(c.eval, imagenet_c=str(t / "ImageNet-C")),
+            ),
+            FileNotFoundError,
+            "eval.imagenet_c: .*ImageNet-C' is not a folder",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, change, error, match, monkeypatch):
@@ -309,6 +323,66 @@ def test_fast_advprop_step_equals_a_naive_three_pass_reference_in_float64(tmp_pa
     assert {k: got[k] for k in top1} == top1  # per-pass training top-1, as the paper's Fig. 2 plots it
 
 
+def _digits_batch(n: int = 20):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_advprop_attacks_towards_a_random_other_class_drawn_from_the_step_generator(tmp_path):
+    """AdvProp (Xie et al.): PGD lowers the cross-entropy to a random target != label, reproducibly per step."""
+    cfg = tiny(tmp_path, method="advprop")
+    cfg = dataclasses.replace(cfg, adv=dataclasses.replace(cfg.adv, eps=8 / 255, step_size=2 / 255, advprop_steps=5))
+    assert cfg.adv.advprop_targeted  # the default
+    torch.manual_seed(0)
+    model = train.build_model(cfg).train()
+    x, y = _digits_batch()
+    targets = train.random_targets(y, 10, generator=train.step_generator(0, 7, 0))  # the attack's first draw
+    assert bool((targets != y).all())
+    x_adv = train.advprop_attack(cfg, model, x, y, train.step_generator(0, 7, 0), train.Dist())
+    again = train.advprop_attack(cfg, model, x, y, train.step_generator(0, 7, 0), train.Dist())
+    assert torch.equal(x_adv, again) and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+    def ce(inputs, labels):
+        with torch.no_grad(), bn_route(model, "adv"), ghost_bn(model, groups=2):
+            return cross_entropy(model(inputs), labels, reduction="none")
+
+    assert ce(x_adv, targets).mean() < ce(x, targets).mean() - 0.05  # towards the target
+    assert (ce(x_adv, targets) < ce(x, targets)).float().mean() >= 0.8
+    untargeted = dataclasses.replace(cfg, adv=dataclasses.replace(cfg.adv, advprop_targeted=False))
+    x_unt = train.advprop_attack(untargeted, model, x, y, train.step_generator(0, 7, 0), train.Dist())
+    assert ce(x_unt, y).mean() > ce(x, y).mean()  # the switch: away from the label
+    with bn_route(model, "adv"), ghost_bn(model, groups=2):
+        reference = train.pgd(
+            model,
+            x,
+            y,
+            eps=8 / 255,
+            step_size=2 / 255,
+            steps=5,
+            random_start=True,
+            generator=train.step_generator(0, 7, 0),
+            loss_fn=lambda o, t: cross_entropy(o, t, reduction="none"),
+        )
+    torch.testing.assert_close(x_unt, reference, rtol=0, atol=0)  # untargeted = the recipe's previous attack
+
+
+def test_fast_advprop_step_ignores_the_advprop_target_switch(tmp_path):
+    """Fast AdvProp stays untargeted (its Sec. 3.2.2 change): adv.advprop_targeted changes nothing in its step."""
+    x, y = _digits_batch()
+    runs = []
+    for targeted in (True, False):
+        cfg = tiny(tmp_path)
+        cfg = dataclasses.replace(cfg, adv=dataclasses.replace(cfg.adv, advprop_targeted=targeted))
+        torch.manual_seed(0)
+        model = train.build_model(cfg).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = train.step_generator(0, 3, 0)
+        out = train.fast_advprop_step(cfg, model, model, opt, x, y, 0, g, None, train.Dist())
+        runs.append((out, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_shuffle_bn_spreads_each_attack_group_over_every_bn_group(tmp_path):
     cfg = dataclasses.replace(tiny(tmp_path), adv=Adv(bn_groups=4))
     x, y = torch.arange(16.0).view(16, 1), torch.arange(16)
@@ -339,8 +413,9 @@ PINNED = {
         2.3415212631225586,
         2.2675836086273193,
     ],
-    "advprop_pgd5": [2.534938430786133],
-    "advprop_pgd1": [2.4716772079467773, 2.644757080078125],
+    # AdvProp attacks towards random targets since 2026-12-02 (untargeted before: 2.5349; 2.4717, 2.6448)
+    "advprop_pgd5": [2.2692934036254884],
+    "advprop_pgd1": [2.2434133529663085, 2.5141807556152345],
 }
 
 
@@ -457,6 +532,48 @@ def test_corruption_error_is_the_mean_over_types_and_severities_of_seeded_librar
     assert {k: pytest.approx(v) for k, v in expected.items()} == got["corruption_errors"]
     assert got["corruption_error"] == pytest.approx(sum(sum(v) for v in expected.values()) / 4)
     assert got["corruption_n"] == 6 and expected["brightness"][1] > 0 and expected["impulse_noise"][1] > 0
+    assert got["corruption_source"] == "ImageNet-C (on-the-fly regeneration of 6 images, not the official release)"
+    assert got["corruption_mce"] is None  # severities 1 and 5 only: ImageNet-C's mCE averages all five
+
+
+def test_official_folders_are_read_with_the_training_wnids_and_named_in_the_results(tmp_path, shared_datasets):
+    """eval.imagenet_c / imagenet_r / stylized: the labels are the training manifest's classes; results name them."""
+    from advtrain.eval import ALEXNET_ERRORS
+    from tests.eval.test_shift import Constant, imagenette_jpegs, write_folder
+
+    wnids, samples = imagenette_jpegs(shared_datasets, 8)
+    (tmp_path / "shards").mkdir()  # the training shards' manifest names the classes (imagenette's 10 wnids)
+    (tmp_path / "shards" / "manifest.json").write_text(
+        (shared_datasets / "imagenette224" / "manifest.json").read_text()
+    )
+    for sev in (1, 2, 3, 4, 5):
+        write_folder(tmp_path / "c" / "fog" / str(sev), samples)
+    write_folder(tmp_path / "r", samples[:4], ext=".jpg")
+    write_folder(tmp_path / "sin", samples[4:])
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, kind="wds", path=str(tmp_path / "shards")),
+        eval=dataclasses.replace(
+            cfg.eval,
+            corruptions=("fog",),
+            severities=(1, 2, 3, 4, 5),
+            imagenet_c=str(tmp_path / "c"),
+            imagenet_r=str(tmp_path / "r"),
+            stylized=str(tmp_path / "sin"),
+        ),
+    )
+    w0 = samples[0][1]
+    got = train.corruption_eval(cfg, Constant(wnids.index(w0), 10), None, train.Dist())
+    err = sum(w != w0 for _, w in samples) / 8
+    assert got["corruption_errors"] == {"fog": [pytest.approx(err)] * 5} and got["corruption_n"] == 8
+    assert got["corruption_mce"] == pytest.approx(err / ALEXNET_ERRORS["fog"])
+    assert got["imagenet_r_error"] == pytest.approx(sum(w != w0 for _, w in samples[:4]) / 4)
+    assert got["stylized_error"] == pytest.approx(sum(w != w0 for _, w in samples[4:]) / 4)
+    table = train.results_table([got | {"samples": 20, "epoch": 1.0, "clean": 0.5}], cfg)
+    assert f"ImageNet-C (official, from {tmp_path / 'c'}): mean top-1 error {100 * err:.2f}%" in table
+    assert f"ImageNet-R (from {tmp_path / 'r'}, 4 images): top-1 error" in table and "| fog |" in table
+    assert f"Stylized-ImageNet (from {tmp_path / 'sin'}, 4 images)" in table
 
 
 def _ddp_worker(rank: int, out_dir: str):
@@ -578,3 +695,22 @@ def test_streamed_shards_with_bad_samples_train_and_count_them(tmp_path):
     assert last["bad_decode"] >= 1 and last["bad_label"] >= 1  # 100 samples read = 2.5 passes over the 40
     assert last["bad_samples"] == last["bad_decode"] + last["bad_label"] <= 2 * 3
     assert last["data_wait_s"] >= 0 and last["img_per_s"] > 0
+
+
+def test_comparison_table_names_the_corruption_source_and_the_folder_sets(tmp_path):
+    from recipes.fast_advprop.launch import comparison_table
+
+    cfgs = baselines(tiny(tmp_path))
+    errs = {"fog": [0.5] * 5}
+    fallback = {"corruption_source": "ImageNet-C (on-the-fly regeneration of 8 images, not the official release)"}
+    ev = {"clean": 0.9, "pgd2": 0.5, "n": 32, "corruption_error": 0.5, "corruption_n": 8, "corruption_errors": errs}
+    ev |= fallback | {"corruption_official": False, "corruption_mce": 0.61}
+    results = {k: {"evals": [ev], "train_seconds": 1.0} for k in cfgs}
+    table = comparison_table(results, cfgs)
+    assert f"Corruption error: {fallback['corruption_source']}, mean top-1 error" in table
+    assert "mCE 61.00% (AlexNet-normalized, indicative: other images than AlexNet's)." in table
+    official = ev | {"corruption_source": "ImageNet-C (official, from /d/c)", "corruption_official": True}
+    official |= {"imagenet_r_error": 0.25, "imagenet_r_source": "ImageNet-R (from /d/r, 4 images)"}
+    table = comparison_table({k: {"evals": [official], "train_seconds": 1.0} for k in cfgs}, cfgs)
+    assert "ImageNet-C (official, from /d/c)" in table and "mCE 61.00% (AlexNet-normalized)." in table
+    assert "ImageNet-R (from /d/r, 4 images), top-1 error (%): Fast AdvProp 25.00, vanilla 25.00" in table
