@@ -25,6 +25,13 @@ def check_parallel_options(
     Under ``"fsdp"``: split (auxiliary) BatchNorm, gradient recycling and ``torch.compile`` are refused (see
     :func:`check_fsdp_compatible`, which checks the built model). ``activation_checkpointing`` works with both.
 
+    Found by trying (2 gloo processes, 2026-12-02): one Fast AdvProp step (split-BN ResNet, two recycled
+    backwards accumulating into the sharded ``.grad``, ``scale_grads_`` / ``sync_update_speed_`` on the DTensor
+    gradients, SGD) under ``fully_shard`` gives the DDP step's weights to 3e-8; but FSDP leaves the BatchNorm
+    running statistics per rank (DDP broadcasts them), reduce-scatters after every recycled backward (DDP's
+    ``no_sync`` does not apply), and neither the recipe's buffer synchronization nor its multi-step training and
+    checkpoints are wired or tested under FSDP, so the recipes refuse it.
+
     Example:
         >>> check_parallel_options("fsdp", activation_checkpointing=True, split_bn=False, recycling=False,
         ...                        compile=False)
@@ -32,7 +39,7 @@ def check_parallel_options(
         ...                        compile=False)
         Traceback (most recent call last):
         ...
-        ValueError: split BatchNorm and gradient recycling need run.parallel=ddp (under run.parallel=fsdp ...
+        ValueError: split BatchNorm and gradient recycling need run.parallel=ddp (not supported under run.parallel=fsdp)
     """
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"run.parallel must be 'ddp' or 'fsdp'; got {parallel!r}")
@@ -42,10 +49,7 @@ def check_parallel_options(
         return
     what = [n for n, on in (("split BatchNorm", split_bn), ("gradient recycling", recycling)) if on]
     if what:
-        raise ValueError(
-            f"{' and '.join(what)} need run.parallel=ddp (under run.parallel=fsdp the recycling helpers' "
-            f"accumulation into .grad and the auxiliary BatchNorms are not supported)"
-        )
+        raise ValueError(f"{' and '.join(what)} need run.parallel=ddp (not supported under run.parallel=fsdp)")
     if compile:
         raise ValueError("run.compile=true needs run.parallel=ddp (torch.compile with FSDP is not supported yet)")
 
@@ -286,7 +290,12 @@ def resume_run(run, objects: dict[str, Any], dd, *, pm: ParallelModel, log: Call
 
 
 def restore_run(
-    state: dict, objects: dict[str, Any], dd, *, pm: ParallelModel, log: Callable[[str], None],
+    state: dict,
+    objects: dict[str, Any],
+    dd,
+    *,
+    pm: ParallelModel,
+    log: Callable[[str], None],
     per_rank: tuple[str, ...] = PER_RANK,
 ) -> None:
     """Applies what :func:`resume_run` found: under DDP everything, under FSDP this rank's per-rank state.

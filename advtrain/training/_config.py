@@ -36,7 +36,7 @@ class RunConfig:
     fresh: bool = False  # start over: move an existing run's files in out_dir aside (launcher: --fresh)
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tensorboard (extra: advtrain[tensorboard])
     wandb: str | None = None  # also log to this Weights & Biases project (extra: advtrain[wandb])
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards params, grads, optimizer per block (advtrain.parallel)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards params, grads, AdamW per block (advtrain.parallel)
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~4/3 the compute
 
     def __post_init__(self):
