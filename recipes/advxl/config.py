@@ -548,3 +548,5 @@ def check_consistency(cfg: TrainConfig) -> None:
         raise ValueError(f"optim.lr must be > 0; got {cfg.optim.lr}")
     if cfg.clip_text and cfg.data.kind == "folder":
         raise ValueError("CLIP-text mode needs captions: use image + caption WebDataset shards (data.kind='wds')")
+    if cfg.clip_text and cfg.run.parallel == "fsdp":  # fully_shard refuses the scalar temperature logit_scale
+        raise ValueError("CLIP-text mode needs run.parallel=ddp (its scalar logit_scale cannot be FSDP-sharded)")

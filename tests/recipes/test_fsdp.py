@@ -243,6 +243,9 @@ def test_run_parallel_is_validated_and_refused_where_unsupported():
     cfg = override(preset("embedded"), ["run.parallel=fsdp", "run.compile=true"])
     with pytest.raises(ValueError, match="run.compile=true needs run.parallel=ddp"):
         train.validate(cfg)
+    clip = override(preset("embedded"), ["run.parallel=fsdp", 'clip_text={"tower": "tiny", "pretrained": null}'])
+    with pytest.raises(ValueError, match="CLIP-text mode needs run.parallel=ddp"):
+        train.validate(clip)
     from recipes.fast_advprop import launch as fap
 
     with pytest.raises(SystemExit, match="split BatchNorm and gradient recycling need run.parallel=ddp"):
