@@ -1,8 +1,9 @@
 """run.parallel=fsdp in the recipes: FSDP = DDP = one process, DCP resume, consolidation, input-only attacks.
 
 Two gloo processes on CPU, the 1-block ViT of ``tests/recipes/test_advxl.tiny`` (6 steps, 2 stages, PGD-1 then
-PGD-2) with the attacks' random start off, so that one process with the whole batch computes what two ranks with
-half of it each do (a random start is drawn per rank).
+PGD-2, an EMA evaluated at each stage's end; the FSDP runs with activation checkpointing) with the attacks' random
+start off, so that one process with the whole batch computes what two ranks with half of it each do (a random
+start is drawn per rank).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ REL = 1e-5  # FSDP and DDP, 2 ranks, vs one process: float summation order only 
 
 
 def cfg_of(out: pathlib.Path, parallel: str):
-    cfg = tiny(out, parallel=parallel)
+    """The FSDP runs also checkpoint every block (recomputation changes no value); every run keeps an EMA."""
+    cfg = tiny(out, parallel=parallel, activation_checkpointing=parallel == "fsdp")
     stages = tuple(dataclasses.replace(s, attack=dataclasses.replace(s.attack, random_start=False)) for s in cfg.stages)
-    return dataclasses.replace(cfg, stages=stages)
+    return dataclasses.replace(cfg, stages=stages, optim=dataclasses.replace(cfg.optim, ema_decay=0.9))
 
 
 def _fsdp_worker(rank: int, root: str):
@@ -162,6 +164,15 @@ def test_consolidated_checkpoint_loads_into_timm_and_advtrain_eval(runs, shared_
     sd, final = torch.load(out, weights_only=True), torch.load(root / "a-rank0.pt")
     assert sd.keys() == {k.removeprefix("inner.") for k in final}
     assert all(torch.equal(sd[k.removeprefix("inner.")], v) for k, v in final.items())
+    p = subprocess.run(
+        cmd[:4] + [str(tmp_path / "ema.pt"), "--key", "ema"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    ema = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert p.returncode == 0 and ema.keys() == sd.keys() and not all(torch.equal(ema[k], sd[k]) for k in sd)
     shards = copy_shard_samples(shared_datasets / "imagenette224", tmp_path / "val", n=8, per_shard=8)
     argv = [
         "--model",
