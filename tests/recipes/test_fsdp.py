@@ -285,3 +285,11 @@ def test_dry_run_prints_the_memory_estimate_for_the_world_and_mode(capsys):
         "vit_large_patch16_224 112px (50 tokens) x 64/GPU, 64 GPUs, fsdp + activation checkpointing, bf16" in (lines[0])
     )
     assert "224px (197 tokens)" in lines[1] and "not measured on a GPU" in lines[1]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_ddp_keeps_the_pinned_losses(tmp_path):
+    from tests.recipes.test_advxl import PINNED
+
+    train.main(tiny(tmp_path, activation_checkpointing=True))  # one process: checkpoint_blocks_, no wrapper
+    assert losses(tmp_path / "run") == pytest.approx(PINNED, rel=1e-4, abs=1e-5)  # recomputation changes nothing
