@@ -374,6 +374,8 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     run.prepare(cfg.to_dict(), meta=environment_meta(source=__file__), fresh=cfg.run.fresh)
     torch.manual_seed(cfg.run.seed)
     raw = build_model(cfg).to(dd.device)
+    if cfg.model.init:  # before the EMA copy and any sharding; a resumed run's checkpoint then overwrites it
+        load_init_weights(cfg, raw, log)
     text = TextMode(cfg, dd.device) if cfg.clip_text else None
     pm = ParallelModel(raw, dd, parallel=cfg.run.parallel, precision=cfg.run.precision, compile=cfg.run.compile,
                        activation_checkpointing=cfg.run.activation_checkpointing, ema_decay=cfg.optim.ema_decay)
@@ -386,8 +388,6 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader, "budget": budget}
     if state is not None:
         restore_run(state, objects, dd, pm=pm, log=log)
-    elif cfg.model.init:
-        load_init_weights(cfg, raw, log)
     samples, step, evals = (state["samples_seen"], state["step"], json.loads(state["evals"])) if state else (0, 0, [])
     timer = StepTimer(dd.device, state)
 
