@@ -1,8 +1,9 @@
 """Per-GPU memory of AdvXL training for ViT-B/16, L/16, H/14 and g/14 under DDP and FSDP, with and without
 activation checkpointing: an analytic table (``advtrain.parallel.estimate_memory``), checked on CPU.
 
-The table: the AdvXL presets' global batch (4096; ``recipes/advxl/config.py``) on ``--world`` GPUs (default 64,
-i.e. 8 nodes of 8 GPUs: 64 images per GPU), bf16, AdamW, for both stages (112 px PGD-1, 224 px PGD-3).
+The table: each AdvXL preset's stages (ViT-B/16, L/16: 112 px PGD-1, 224 px PGD-3; ViT-H/14, g/14: 84 px PGD-2,
+224 px and 336 px PGD-3) at its global batch (4096; ``recipes/advxl/config.py``) on ``--world`` GPUs (default 64,
+i.e. 8 nodes of 8 GPUs: 64 images per GPU), bf16, AdamW.
 Parameters counted from timm models built on the meta device; activations from the per-block formula of
 ``advtrain.parallel.vit_block_bytes_per_token``. None of these figures was measured on a GPU.
 
@@ -42,26 +43,31 @@ sys.path.insert(0, str(ROOT))
 from advtrain.parallel import checkpoint_blocks_, estimate_memory, vit_block_bytes_per_token  # noqa: E402
 
 GiB = 1024**3
-MODELS = {  # timm name, extra kwargs (AdvXL's H/14 and g/14 use global average pooling: its eval scripts' --gp avg)
-    "ViT-B/16": ("vit_base_patch16_224", {}),
-    "ViT-L/16": ("vit_large_patch16_224", {}),
-    "ViT-H/14": ("vit_huge_patch14_224", {"global_pool": "avg"}),
-    "ViT-g/14": ("vit_giant_patch14_224", {"global_pool": "avg"}),
+MODELS = {  # the AdvXL preset of each model: its timm name and kwargs, stages (sizes, attacks) and global batch
+    "ViT-B/16": "imagenet_vit_b16",
+    "ViT-L/16": "imagenet_vit_l16",
+    "ViT-H/14": "imagenet_vit_h14",
+    "ViT-g/14": "imagenet_vit_g14",
 }
-STAGES = ((112, "coarse, PGD-1"), (224, "fine, PGD-3"))
 SETUPS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 
 
 # ================================================================================================ the table
 
 
-def table(*, world: int, global_batch: int, precision: str = "bf16") -> list[dict]:
-    if global_batch % world:
-        raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
-    per = global_batch // world
+def table(*, world: int, global_batch: int | None = None, precision: str = "bf16") -> list[dict]:
+    """One row per model, preset stage and setup; ``global_batch`` None: each preset's ``data.batch_size``."""
+    from recipes.advxl.config import preset
+
     rows = []
-    for label, (name, kw) in MODELS.items():
-        for size, stage in STAGES:
+    for label, preset_name in MODELS.items():
+        cfg = preset(preset_name)
+        batch = global_batch or cfg.data.batch_size
+        if batch % world:
+            raise ValueError(f"global batch {batch} is not divisible by the world size {world}")
+        per, name, kw = batch // world, cfg.model.name, dict(cfg.model.kwargs)
+        for st in cfg.stages:
+            size, stage = st.img_size, f"{st.name}, PGD-{st.attack.steps}"
             for parallel, ac in SETUPS:
                 e = estimate_memory(
                     name,
@@ -84,6 +90,7 @@ def table(*, world: int, global_batch: int, precision: str = "bf16") -> list[dic
                         "world": world,
                         "parallel": parallel,
                         "ac": ac,
+                        "preset": (parallel, ac) == (cfg.run.parallel, cfg.run.activation_checkpointing),
                         "n_params": e.n_params,
                         **{
                             k: getattr(e, k) / GiB
@@ -101,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        setup = r["parallel"].upper() + (" + AC" if r["ac"] else "")
+        setup = r["parallel"].upper() + (" + AC" if r["ac"] else "") + (" (preset)" if r.get("preset") else "")
         lines.append(
             f"| {r['model']} | {r['n_params'] / 1e6:.0f}M | {r['stage']} | {r['img']} ({r['tokens']}) | "
             f"{setup} | {r['params']:.2f} | {r['grads']:.2f} | {r['optim']:.2f} | {r['working']:.2f} | "
@@ -302,18 +309,24 @@ def format_check(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=int, default=64, help="GPUs (default 64: 8 nodes x 8)")
-    ap.add_argument("--global-batch", type=int, default=4096, help="images per step over all GPUs")
+    ap.add_argument(
+        "--global-batch", type=int, default=None, help="images per step over all GPUs (default: each preset's)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_model.md"))
     ap.add_argument("--no-check", action="store_true", help="skip the CPU measurement")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = table(world=args.world, global_batch=args.global_batch)
     check = [] if args.no_check else check_rows()
+    batches = sorted({r["batch"] * args.world for r in rows})
+    cmd = f"--world {args.world}" + (f" --global-batch {args.global_batch}" if args.global_batch else "")
     text = (
         f"# Per-GPU memory model (estimate, not measured on a GPU)\n\n"
-        f"`python benchmarks/memory_model.py --world {args.world} --global-batch {args.global_batch}`; "
-        f"torch {torch.__version__}. Global batch {args.global_batch} on {args.world} GPUs = "
-        f"{args.global_batch // args.world} images per GPU; bf16 (DDP: autocast over fp32 weights; FSDP: "
+        f"`python benchmarks/memory_model.py {cmd}`; torch {torch.__version__}. The AdvXL presets' stages "
+        f"(`recipes/advxl/config.py`: imagenet_vit_b16, _l16, _h14, _g14; `(preset)` marks each preset's own "
+        f"run.parallel / run.activation_checkpointing). Global batch {', '.join(map(str, batches))} on "
+        f"{args.world} GPUs = {', '.join(str(b // args.world) for b in batches)} images per GPU; bf16 (DDP: "
+        f"autocast over fp32 weights; FSDP: "
         f"bf16 MixedPrecisionPolicy); AdamW; no EMA. GiB = 2^30 bytes. `working`: DDP gradient buckets + "
         f"autocast's bf16 weight copies; FSDP: gathered root + 2 blocks and one block's unsharded gradient "
         f"with its reduce-scatter buffer. Activations: saved tensors at the start of the backward (+ one "

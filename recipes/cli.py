@@ -109,6 +109,13 @@ def parse(argv: list[str] | None, *, prog: str, doc: str, presets: dict, preset:
         help="start over in run.out_dir: move an existing run's files (metrics, checkpoints, config) aside "
         "into a previous-<time> folder there (run.fresh=true)",
     )
+    p.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        help="processes (GPUs) the --dry-run memory estimate is for (default: WORLD_SIZE, or 1; with --cluster "
+        "slurm: nodes x GPUs per node)",
+    )
     p.add_argument("overrides", nargs="*", help=f"dotted.key=value (JSON values), e.g. {example}")
     cluster.add_cluster_args(p)
     args = p.parse_intermixed_args(argv)  # overrides before and after options: ... key=v --dry-run key2=w
@@ -179,10 +186,68 @@ def dry_run_note(skipped: list[str]) -> str:
     )
 
 
-def main(recipe: str, cfg, args: argparse.Namespace, *, check: Callable, run_local: Callable[[Any], Any]) -> None:
-    """Runs (or submits, or prints) ``cfg`` as ``args`` say; errors a user can fix exit with one line."""
+def dry_run_world(args: argparse.Namespace) -> int:
+    """The world size a dry run sizes memory for: ``--world``, else SLURM's nodes x GPUs, else WORLD_SIZE or 1."""
+    import os
+
+    if getattr(args, "world", None):
+        return int(args.world)
+    if getattr(args, "cluster", None) == "slurm" and getattr(args, "gpus_per_node", 0):
+        return int(args.nodes) * int(args.gpus_per_node)
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def memory_lines(
+    model: str, sizes: list[int], *, batch: int, world: int, run, num_classes: int, kwargs: dict | None = None
+) -> list[str]:
+    """The per-GPU memory estimate (``advtrain.parallel.estimate_memory``) of a run at each training size.
+
+    One line per distinct size, for ``run.parallel``, ``run.activation_checkpointing`` and ``run.precision``;
+    a model the estimate cannot build gives one line that says why.
+    """
+    from advtrain.parallel import estimate_memory, format_memory_estimate
+
+    if batch % world:
+        return [f"memory estimate: data.batch_size {batch} does not divide over {world} processes"]
+    out = []
+    for size in dict.fromkeys(sizes):
+        try:
+            e = estimate_memory(
+                model,
+                img_size=size,
+                batch_per_gpu=batch // world,
+                world=world,
+                parallel=run.parallel,
+                activation_checkpointing=run.activation_checkpointing,
+                precision=run.precision,
+                num_classes=num_classes,
+                model_kwargs=kwargs or {},
+            )
+        except Exception as err:  # noqa: BLE001 - an estimate is advice: never stop a dry run for it
+            return out + [f"memory estimate unavailable for {model}: {type(err).__name__}: {err}"]
+        out.append("memory per GPU: " + format_memory_estimate(e))
+    return out
+
+
+def main(
+    recipe: str,
+    cfg,
+    args: argparse.Namespace,
+    *,
+    check: Callable,
+    run_local: Callable[[Any], Any],
+    memory: Callable[[Any, int], list[str]] | None = None,
+) -> None:
+    """Runs (or submits, or prints) ``cfg`` as ``args`` say; errors a user can fix exit with one line.
+
+    ``memory(cfg, world)``: the dry run's per-GPU memory estimate lines (printed to stderr, after the config).
+    """
+    if args.dry_run and memory is not None:  # the job's precision, before a CPU machine's bf16 -> fp32 fallback
+        args.memory_report = memory(cfg, dry_run_world(args))
     cfg = for_device(cfg, args)
     if args.cluster:
+        for line in getattr(args, "memory_report", []):
+            print(line, file=sys.stderr)
         cluster.main_or_exit(recipe, cfg, args, check=check)
         return
     if args.dry_run:
@@ -191,6 +256,8 @@ def main(recipe: str, cfg, args: argparse.Namespace, *, check: Callable, run_loc
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"configuration error: {err}")
         print(json.dumps(cfg.to_dict(), indent=2))
+        for line in getattr(args, "memory_report", []):
+            print(line, file=sys.stderr)
         print(dry_run_note(skipped or []), file=sys.stderr)
         return
     try:

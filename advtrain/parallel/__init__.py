@@ -7,7 +7,9 @@ The recipes call, in this order: build the model (and an EMA copy), :func:`check
 ``torch.autograd.grad`` w.r.t. the input computes no weight gradient, so FSDP reduce-scatters nothing.
 :func:`save_checkpoint` writes an atomic DCP directory from every rank; ``python -m
 advtrain.parallel.consolidate`` turns one into a plain timm state dict. :func:`estimate_memory` gives the
-per-GPU bytes of a configuration.
+per-GPU bytes of a configuration. The recipes reach all of it through :class:`ParallelModel` (``run.parallel``,
+``run.activation_checkpointing``), :func:`save_run_checkpoint`, :func:`resume_run` / :func:`restore_run` and
+:func:`check_parallel_options`.
 """
 
 from advtrain.parallel._checkpoint import (
@@ -30,11 +32,14 @@ from advtrain.parallel._fsdp import (
     unwrap,
 )
 from advtrain.parallel._memory import MemoryEstimate, estimate_memory, format_memory_estimate, vit_block_bytes_per_token
+from advtrain.parallel._run import ParallelModel, check_parallel_options, restore_run, resume_run, save_run_checkpoint
 
 __all__ = [
     "MemoryEstimate",
+    "ParallelModel",
     "Resumed",
     "broadcast_buffers_",
+    "check_parallel_options",
     "check_fsdp_compatible",
     "checkpoint_blocks_",
     "consolidate",
@@ -46,7 +51,10 @@ __all__ = [
     "load_checkpoint",
     "mixed_precision_policy",
     "prune_checkpoints",
+    "restore_run",
+    "resume_run",
     "save_checkpoint",
+    "save_run_checkpoint",
     "shard_model_",
     "unwrap",
     "verify_checkpoint",

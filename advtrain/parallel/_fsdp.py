@@ -294,7 +294,9 @@ def check_fsdp_compatible(model: nn.Module, *, recycling: bool, compile: bool) -
     with DDP's ``no_sync`` and divide per parameter group afterwards; none of it is tested on sharded
     gradients), and ``torch.compile`` together with FSDP (untested here). Plain BatchNorm is allowed: FSDP
     does not broadcast buffers as DDP does, so call :func:`broadcast_buffers_` before each forward to keep the
-    running statistics identical on every rank. The model may live on the meta device (no memory).
+    running statistics identical on every rank. Scalar (0-dim) parameters are refused too: ``fully_shard`` does
+    not shard them (the AdvXL recipe's CLIP-text temperature ``logit_scale`` is one). The model may live on the
+    meta device (no memory).
 
     Args:
         model: the unsharded model as the recipe built it.
@@ -319,6 +321,11 @@ def check_fsdp_compatible(model: nn.Module, *, recycling: bool, compile: bool) -
         raise ValueError(
             f"split BatchNorm (advtrain.bn) is not supported under FSDP; use run.parallel=ddp "
             f"(found {len(split)}, e.g. {split[0]!r})"
+        )
+    scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+    if scalars:
+        raise ValueError(
+            f"fully_shard does not shard scalar parameters ({', '.join(scalars[:3])}); use run.parallel=ddp"
         )
     if recycling:
         raise ValueError("gradient recycling (advtrain.recycle) is not supported under FSDP; use run.parallel=ddp")

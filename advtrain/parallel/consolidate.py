@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 
 from advtrain.parallel._checkpoint import consolidate
 
@@ -49,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.timm_model} loads it with strict=True")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds ``advtrain.parallel.consolidate`` (the function) to the module; calling
+    the module calls the function, so ``from advtrain.parallel import consolidate`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return consolidate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,10 +36,19 @@ class RunConfig:
     fresh: bool = False  # start over: move an existing run's files in out_dir aside (launcher: --fresh)
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tensorboard (extra: advtrain[tensorboard])
     wandb: str | None = None  # also log to this Weights & Biases project (extra: advtrain[wandb])
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards params, grads, AdamW per block (advtrain.parallel)
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~4/3 the compute
 
     def __post_init__(self):
         from advtrain.training import _validate as v
 
+        v.check(self.parallel in ("ddp", "fsdp"), key="parallel", value=self.parallel, allowed="'ddp' or 'fsdp'")
+        v.check(
+            isinstance(self.activation_checkpointing, bool),
+            key="activation_checkpointing",
+            value=self.activation_checkpointing,
+            allowed="true or false",
+        )
         v.non_empty(self.out_dir, key="out_dir")
         v.check(isinstance(self.seed, int) and self.seed >= 0, key="seed", value=self.seed, allowed="an int >= 0")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):

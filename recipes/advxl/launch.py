@@ -122,9 +122,22 @@ def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
     return cli.check_runs(cfgs, world, validate=check_one, files=files)
 
 
+def memory(cfg: TrainConfig, world: int) -> list[str]:
+    """The dry run's per-GPU memory estimate at each stage's size (token masks: counted at all tokens)."""
+    return cli.memory_lines(
+        cfg.model.name,
+        [s.img_size for s in cfg.stages],
+        batch=cfg.data.batch_size,
+        world=world,
+        run=cfg.run,
+        num_classes=cfg.model.num_classes,
+        kwargs=cfg.model.kwargs,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(argv)
-    cli.main("advxl", cfg, args, check=check, run_local=run_local)
+    cli.main("advxl", cfg, args, check=check, run_local=run_local, memory=memory)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ from advtrain.attacks import detach_params
 from advtrain.data import BadSampleBudget, check_run_sources, class_names, make_loader, sources_from_config
 from advtrain.eval import format_resolution_table, plot_resolution, recipe_eval, resize_images, resolution_sweep
 from advtrain.losses import cross_entropy
+from advtrain.parallel import ParallelModel, check_parallel_options, restore_run, resume_run, save_run_checkpoint
 from advtrain.tokens import resize_reduce, sample_block_indices, sample_random_indices, vit_forward_tokens
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
                                check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
-                               log_due, make_mixup, open_sinks, plot_metrics, read_metrics,
-                               restore_training_state, run_logger, save_checkpoint, seeded_host_rng,
-                               setup_distributed, step_generator, take, training_state, wrap_ddp)
+                               log_due, make_mixup, open_sinks, plot_metrics, read_metrics, run_logger,
+                               seeded_host_rng, setup_distributed, step_generator, take)
 from recipes.advxl.config import Stage, TrainConfig, check_consistency, patch_size
 
 
@@ -312,6 +312,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"eval.norms must be some of linf, l2, l1; got {list(cfg.eval.norms)}")
     check_timm_model(cfg.model.name)
     check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
+    check_parallel_options(cfg.run.parallel, activation_checkpointing=cfg.run.activation_checkpointing,
+                           split_bn=False, recycling=False, compile=cfg.run.compile)
     p = patch_size(cfg)
     if p:
         sizes = [s.img_size for s in cfg.stages] + ([cfg.eval.img_size] if cfg.eval.img_size else [])
@@ -376,34 +378,30 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     run.prepare(cfg.to_dict(), meta=environment_meta(source=__file__), fresh=cfg.run.fresh)
     torch.manual_seed(cfg.run.seed)
     raw = build_model(cfg).to(dd.device)
+    if cfg.model.init:  # before the EMA copy and any sharding; a resumed run's checkpoint then overwrites it
+        load_init_weights(cfg, raw, log)
     text = TextMode(cfg, dd.device) if cfg.clip_text else None
+    pm = ParallelModel(raw, dd, parallel=cfg.run.parallel, precision=cfg.run.precision, compile=cfg.run.compile,
+                       activation_checkpointing=cfg.run.activation_checkpointing, ema_decay=cfg.optim.ema_decay)
+    model, ema = pm.model, pm.ema  # DDP wrapper, or the FSDP-sharded raw itself; the EMA copied before either
     opt = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    ema = None
-    if cfg.optim.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(raw, decay=cfg.optim.ema_decay)
     val_ds = build_sources(cfg, max(s.img_size for s in cfg.stages))[1]  # evaluated at the full size
-    state = run.resume()
+    state = resume_run(run, {"model": raw, "optim": opt, "ema": ema}, dd, pm=pm, log=log)
     size = cfg.stages[locate(cfg, min(state["samples_seen"], cfg.total_samples - 1) if state else 0)[0]].img_size
     loader, budget = stage_loader(cfg, dd, size), BadSampleBudget(max_fraction=cfg.data.bad_sample_budget)
     objects = {"model": raw, "optim": opt, "ema": ema, "loader": loader, "budget": budget}
     if state is not None:
-        restore_training_state(state, objects, dd)
-    elif cfg.model.init:
-        load_init_weights(cfg, raw, log)
+        restore_run(state, objects, dd, pm=pm, log=log)
     samples, step, evals = (state["samples_seen"], state["step"], json.loads(state["evals"])) if state else (0, 0, [])
     timer = StepTimer(dd.device, state)
 
     def checkpoint() -> Path | None:  # every rank: the loader and RNG states are gathered from all of them
-        st = training_state(objects, dd, samples_seen=samples, step=step, stage=locate(cfg, samples)[0],
-                            evals=json.dumps(evals), **timer.state())
-        return save_checkpoint(run.path, st, keep=cfg.run.keep_checkpoints) if dd.main else None
+        return save_run_checkpoint(run.path, objects, dd, pm=pm, keep=cfg.run.keep_checkpoints, samples_seen=samples,
+                                   step=step, stage=locate(cfg, samples)[0], evals=json.dumps(evals), **timer.state())
 
     if state is None:
         checkpoint()  # step 0: a run preempted before its first checkpoint resumes from here
-    model = wrap_ddp(raw, dd)
-    attacker = raw  # the attack's view of the model: eager autograd prunes weight gradients by itself
+    attacker = raw  # the attack's model (FSDP: sharded): eager input-only autograd.grad, no weight gradient
     if cfg.run.compile:
         model = torch.compile(model)
         # a compiled backward computes the gradient of every input that requires one: compile a view whose
@@ -443,13 +441,13 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                           | budget.metrics())
         if stage_done:
             size = cfg.eval.img_size or stage.img_size
-            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names,
+            r = run_eval(cfg, pm.for_eval(ema=ema is not None), val_ds, dd, img_size=size, text=text, names=names,
                          run_dir=run.path, name=stage.name)
             evals.append(r | {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size})
             log(f"stage {stage.name} done at {samples} samples: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in r.items() if isinstance(v, float)))
             metrics.write(evals[-1])
-            raw.train()
+            pm.train()
         if ckpt_due(samples, force=stage_done):
             path = checkpoint()
             if path is not None:
@@ -461,7 +459,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     metrics.close()
     seconds = timer.seconds
     if finished and cfg.eval.resolutions:
-        sweep = resolution_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, text=text, names=names)
+        sweep = resolution_eval(cfg, pm.for_eval(ema=ema is not None), val_ds, dd, text=text, names=names)
         if dd.main:
             (run.path / "resolution.md").write_text(format_resolution_table(sweep))
             plot_resolution(sweep, run.path / "resolution.png")
@@ -473,7 +471,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     barrier(dd)
     return {"evals": evals, "run_dir": str(run.path), "finished": finished, "seconds": seconds,
             "train_seconds": timer.train_seconds,
-            "final_weights": {k: v.detach().cpu() for k, v in raw.state_dict().items()}}
+            "final_weights": pm.full_state_dict()}
 
 def results_table(evals: list[dict], cfg: TrainConfig) -> str:
     key = f"pgd{cfg.eval.pgd_steps}"

@@ -140,9 +140,21 @@ def check(cfg: TrainConfig, world: int, *, files: bool = True) -> list[str]:
     )
 
 
+def memory(cfg, world: int) -> list[str]:
+    """The dry run's per-GPU memory estimate at ``data.img_size``."""
+    return cli.memory_lines(
+        cfg.model.name,
+        [cfg.data.img_size],
+        batch=cfg.data.batch_size,
+        world=world,
+        run=cfg.run,
+        num_classes=cfg.model.num_classes,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(argv)
-    cli.main("fast_advprop", cfg, args, check=check, run_local=run_local)
+    cli.main("fast_advprop", cfg, args, check=check, run_local=run_local, memory=memory)
 
 
 if __name__ == "__main__":

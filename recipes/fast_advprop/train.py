@@ -48,6 +48,7 @@ from advtrain.data import (BadSampleBudget, ShardSource, check_run_sources, epoc
                            sources_from_config)
 from advtrain.eval import check_shift_sets, corruption_bars, model_classes, recipe_eval, shift_eval, shift_table
 from advtrain.losses import cross_entropy
+from advtrain.parallel import check_parallel_options
 from advtrain.recycle import maybe_no_sync, recycled_step, scale_grads_, sync_update_speed_
 from advtrain.training import (Dist, Every, Panel, Progress, RunDir, StepTimer, all_mean, autocast, barrier,
                                check_finite, check_sinks, check_timm_model, cycle, environment_meta, interactive,
@@ -308,6 +309,10 @@ def validate(cfg: TrainConfig) -> None:
     check_consistency(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_timm_model(cfg.model.name)
     check_sinks(tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
+    check_parallel_options(cfg.run.parallel, activation_checkpointing=False, split_bn=True,  # every method's model
+                           recycling=cfg.method == "fast_advprop", compile=False)
+    if cfg.run.activation_checkpointing:  # a recomputed BatchNorm forward would update its running statistics twice
+        raise ValueError("run.activation_checkpointing is not supported by Fast AdvProp (BatchNorm recomputation)")
     with torch.device("meta"):  # builds no weights: checks the BatchNorms and the kwargs in well under a second
         try:
             inner = create_model(cfg)

@@ -143,3 +143,15 @@ def test_consolidate_strips_the_wrapper_and_drops_its_tensors(tmp_path):
     assert "logit_scale" in kept and "inner.head.weight" in kept
     with pytest.raises(ValueError, match="holds no 'ema' state"):
         consolidate(p, tmp_path / "ema.pt", key="ema")
+
+
+def test_consolidate_stays_callable_after_its_cli_module_is_imported(tmp_path):
+    import importlib
+
+    importlib.import_module("advtrain.parallel.consolidate")  # the import system rebinds the package attribute
+    import advtrain.parallel
+
+    model = torch.nn.Linear(3, 2)
+    p = save_checkpoint(tmp_path / "ckpt-1", model=model)
+    sd = advtrain.parallel.consolidate(p, tmp_path / "out.pt", strip_prefix="")
+    assert torch.equal(sd["weight"], model.weight.detach())

@@ -141,6 +141,7 @@ def test_estimate_rejects_bad_arguments(bad):
 
 def test_the_script_writes_the_table(bench, tmp_path):
     rows, check = bench.main(["--no-check", "--world", "128", "--out", str(tmp_path / "m.md")])
-    assert check == [] and len(rows) == 4 * 2 * 4 and {r["batch"] for r in rows} == {32}
+    assert check == [] and len(rows) == (2 + 2 + 3 + 3) * 4 and {r["batch"] for r in rows} == {32}  # presets' stages
     text = (tmp_path / "m.md").read_text()
-    assert text.count("| ViT-g/14 |") == 8 and "not measured on a GPU" in text
+    assert text.count("| ViT-g/14 |") == 12 and "not measured on a GPU" in text
+    assert text.count(" (preset) |") == 10  # each stage's row of its preset's own setup
