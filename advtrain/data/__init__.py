@@ -43,7 +43,7 @@ from advtrain.data._recipe import (
 )
 from advtrain.data._shards import ImageSet, load_image_set, shard_paths
 from advtrain.data._sources import ImageFolderSource, Sample, ShardSource, TensorSource, shuffled, stable_seed
-from advtrain.data._transforms import resize_dims, sample_crop_box, train_transform, val_transform
+from advtrain.data._transforms import random_erase, resize_dims, sample_crop_box, train_transform, val_transform
 from advtrain.data._webdataset import ShardReadError, expand_urls, iter_shard_samples, manifest_counts
 
 __all__ = [
@@ -86,6 +86,7 @@ __all__ = [
     "sources_from_config",
     "split_sources",
     "stable_seed",
+    "random_erase",
     "train_transform",
     "val_transform",
 ]

@@ -53,6 +53,11 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios w / h
     interpolation: str = "bicubic"  # crop / evaluation resize filter: bilinear, bicubic, lanczos, nearest
     hflip: bool = True  # horizontal flip with probability 0.5
+    random_erasing: float = 0.0  # probability of erasing one box with uniform [0, 1] noise (random_erase); 0: off
+
+    def __post_init__(self):
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"augment.random_erasing must be a probability in [0, 1]; got {self.random_erasing}")
 
 
 def digits_arrays(seed: int = 0, *, size: int = 32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -217,7 +222,8 @@ def sources_from_config(
     """:func:`split_sources` with the standard transforms, from a recipe's ``data`` and ``augment`` sections.
 
     Reads ``data.kind, path, val_path, train_split, val_split, in_memory, resampled, crop_pct`` and
-    ``augment.crop_scale, crop_ratio, hflip, interpolation`` (the recipes' config fields, timm's defaults).
+    ``augment.crop_scale, crop_ratio, hflip, interpolation, random_erasing`` (the recipes' config fields, timm's
+    defaults).
     Training: :func:`advtrain.data.train_transform` (RandomResizedCrop of the original image to ``size``);
     validation: :func:`advtrain.data.val_transform` (``crop_pct``).
     """
@@ -230,6 +236,7 @@ def sources_from_config(
         hflip=0.5 if augment.hflip else 0.0,
         randaugment=randaugment,
         interpolation=augment.interpolation,
+        erase=getattr(augment, "random_erasing", 0.0),
     )
     vt = val_transform(size=size, crop_pct=data.crop_pct, interpolation=augment.interpolation)
     return split_sources(

@@ -141,6 +141,7 @@ def train_transform(
     randaugment: str | None = None,
     interpolation: Interpolation = "bicubic",
     decoder: Decoder = "auto",
+    erase: float = 0.0,
 ) -> TrainTransform:
     """The ImageNet training transform: RandomResizedCrop of the original image, flip, RandAugment; uint8 out.
 
@@ -160,6 +161,7 @@ def train_transform(
         interpolation: the resampling filter of the crop resize (and of RandAugment's geometric ops).
         decoder: see :func:`advtrain.data.decode_image`. ``"auto"`` uses simplejpeg where it is installed; the
             two decoders' pixels differ slightly, so an exact resume needs the same install.
+        erase: random-erasing probability (:func:`random_erase`, last, on the uint8 output); 0 is off.
 
     Returns:
         ``transform(image, generator) -> Tensor`` of shape ``(3, size, size)``, dtype uint8.
@@ -184,6 +186,8 @@ def train_transform(
         raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi; got {ratio}")
     if not 0 <= hflip <= 1:
         raise ValueError(f"hflip must be a probability in [0, 1]; got {hflip}")
+    if not 0 <= erase <= 1:
+        raise ValueError(f"erase must be a probability in [0, 1]; got {erase}")
     ra = rand_augment(randaugment, size=size, interpolation=interpolation) if randaugment else None
     return TrainTransform(
         size=size,
@@ -193,6 +197,7 @@ def train_transform(
         resample=pil_resample(interpolation),
         rand_augment=ra,
         decoder=decoder,
+        erase=erase,
     )
 
 
@@ -207,6 +212,7 @@ class TrainTransform:
     resample: Image.Resampling
     rand_augment: Callable | None
     decoder: Decoder
+    erase: float = 0.0  # random-erasing probability
 
     def __call__(self, image: ImageInput, generator: torch.Generator) -> Tensor:
         img, box = crop_source(
@@ -218,6 +224,8 @@ class TrainTransform:
         if self.rand_augment is not None:
             with _host_rng(int(torch.randint(0, 2**62, (1,), generator=generator))):
                 out = self.rand_augment(out)
+        if self.erase:
+            return random_erase(pil_to_uint8(out), p=self.erase, generator=generator)
         return pil_to_uint8(out)
 
 
@@ -253,6 +261,73 @@ def crop_source(
         left, top, w, h = sample_crop_box(W, H, scale=scale, ratio=ratio, generator=generator)
     s = dct_scale((W, H), img.size) if img.size != (W, H) else 1.0
     return img, (left * s, top * s, (left + w) * s, (top + h) * s)
+
+
+def random_erase(
+    image: Tensor,
+    *,
+    p: float,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> Tensor:
+    r"""Random erasing (Zhong et al.): with probability ``p``, one box of the image is replaced by uniform noise.
+
+    The box covers a fraction :math:`s \sim U(\text{scale})` of the area with aspect
+    :math:`r = e^u,\ u \sim U(\log \text{ratio})` (up to 10 tries; none fitting: the image is returned
+    unchanged), placed uniformly; every pixel of every channel in it is drawn independently, uniform over the
+    image's range: :math:`U[0, 1]` for float images, uniform integers in ``[0, 255]`` for uint8 ones. So the
+    output stays a valid image in [0, 1] (pixel space, before normalization), unlike timm's ``RandomErasing``
+    ``mode="pixel"``, which fills with standard normal noise in normalized space (per channel roughly
+    :math:`\mathcal{N}(\mu, \sigma^2)` in pixels, unclipped); DeiT / MAE / Singh et al. use timm's with
+    ``p=0.25``. Both replace the box's content with per-pixel noise of about the same spread; ours never
+    leaves [0, 1], which the recipes' attacks and eps require.
+
+    Args:
+        image: ``(C, H, W)``, uint8 or floating in [0, 1].
+        p: the probability of erasing, in [0, 1].
+        generator: the sample's generator (every draw comes from it).
+        scale: ``(lo, hi)`` area fractions, ``0 < lo <= hi <= 1``.
+        ratio: ``(lo, hi)`` aspect ratios, ``0 < lo <= hi``.
+
+    Returns:
+        A new tensor of the same shape and dtype (``image`` itself when nothing was erased).
+
+    Raises:
+        ValueError: an image that is not ``(C, H, W)``, or ``p`` outside [0, 1].
+
+    Example:
+        >>> x = torch.zeros(3, 32, 32)
+        >>> y = random_erase(x, p=1.0, generator=torch.Generator().manual_seed(0))
+        >>> bool((y > 0).any()), bool(y.max() <= 1)
+        (True, True)
+
+    References:
+        Zhong et al., Random Erasing Data Augmentation (arXiv 1708.04896).
+    """
+    if image.dim() != 3:
+        raise ValueError(f"random_erase needs a (C, H, W) image; got shape {tuple(image.shape)}")
+    if not 0 <= p <= 1:
+        raise ValueError(f"random_erase: p must be in [0, 1]; got {p}")
+    if p == 0 or float(torch.rand(1, generator=generator)) >= p:
+        return image
+    c, h, w = image.shape
+    area, draw = h * w, torch.empty(1)
+    for _ in range(10):
+        s = float(draw.uniform_(scale[0], scale[1], generator=generator))
+        r = math.exp(float(draw.uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)))
+        bh, bw = round(math.sqrt(area * s / r)), round(math.sqrt(area * s * r))
+        if 0 < bh < h and 0 < bw < w:
+            top = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+            if image.dtype == torch.uint8:
+                noise = torch.randint(0, 256, (c, bh, bw), generator=generator, dtype=torch.uint8)
+            else:
+                noise = torch.rand((c, bh, bw), generator=generator, dtype=image.dtype)
+            out = image.clone()
+            out[:, top : top + bh, left : left + bw] = noise
+            return out
+    return image
 
 
 def resize_dims(width: int, height: int, shorter: int) -> tuple[int, int]:

@@ -191,6 +191,7 @@ def load_weights(
     strict: bool = True,
     key: str | Sequence[str] | None = None,
     ignore: Sequence[str] = (),
+    allow_missing: Sequence[str] = (),
     skip_mismatched: bool = False,
     filter_fn: Callable[[dict, nn.Module], dict] | None = None,
     prefixes: Sequence[str] = WRAPPER_PREFIXES,
@@ -212,6 +213,9 @@ def load_weights(
         key: the container key (path) of the state dict; ``None`` searches :data:`CONTAINER_KEYS`.
         ignore: ``fnmatch`` patterns of checkpoint keys (after prefix stripping) to drop, e.g. ``("logit_scale",)``
             or ``("head.*",)`` to keep the model's own head.
+        allow_missing: ``fnmatch`` patterns of model keys that may be missing under ``strict`` (they keep their
+            own values and are still reported in ``missing``), e.g. ``("head.*",)`` for a new head or
+            ``("patch_embed.proj.*",)`` for a ConvStem on patch-stem weights.
         skip_mismatched: drop tensors whose shape differs from the model's (reported in ``mismatched``; those
             model tensors keep their values and count as ``missing``). Without it a shape mismatch raises.
         filter_fn: ``(state_dict, model) -> state_dict``, applied after prefix stripping and ``ignore``.
@@ -265,7 +269,8 @@ def load_weights(
     unexpected = tuple(sorted(k for k in sd if k not in own))
     loaded = tuple(sorted(k for k in sd if k in own and tuple(sd[k].shape) == tuple(own[k].shape)))
     report = WeightsReport(loaded, missing, unexpected, mismatched, tuple(ignored), stripped, container, sha)
-    if (mismatched and not skip_mismatched) or (strict and (missing or unexpected)):
+    not_allowed = [k for k in missing if not any(fnmatch.fnmatchcase(k, pat) for pat in allow_missing)]
+    if (mismatched and not skip_mismatched) or (strict and (not_allowed or unexpected)):
         raise WeightsMismatchError(f"{where} does not match {type(model).__name__}: {report.summary()}", report)
     model.load_state_dict({k: sd[k] for k in loaded}, strict=False)
     return report

@@ -79,6 +79,9 @@ class Model:
     drop_path: float = 0.1
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. embed_dim for tiny ViTs)
     init: str | None = None  # clean-pretrained start: a local state_dict file, or "timm:<name.tag>" (internet)
+    init_exclude: tuple[str, ...] = ()  # fnmatch patterns of keys not taken from model.init: checkpoint entries
+    #                                     dropped, those model keys keep their init (e.g. "head.*" for a new head)
+    init_strict: bool = True  # any other missing / unexpected key fails the run (every key is reported either way)
     stem: Literal["patch", "conv"] = "patch"  # conv: Singh et al.'s ConvStem (advtrain.models.convstem_)
     stem_channels: tuple[int, ...] | None = None  # ConvStem widths (default: advtrain's per-model choice)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization lives inside the model
@@ -299,8 +302,8 @@ def phases(cfg: TrainConfig) -> dict[str, TrainConfig]:
     (``model`` with ``finetune.num_classes``) trained on ``finetune``'s data, stages, optimizer, augmentation and
     evaluation, without CLIP-text mode, in ``run.out_dir/finetune``, with ``model.init`` the pre-training run's
     final checkpoint: ``checkpoints/ckpt-<S>.pt``, ``S`` the samples seen at its end (its total rounded up to whole
-    batches). ``train.load_init_weights`` loads its image tower and leaves out its head (a projection into the text
-    space), so the class head starts fresh.
+    batches), and ``head.*`` added to ``model.init_exclude``: ``train.load_init_weights`` loads the image tower and
+    leaves out the head (a projection into the text space; timm's classifier of ViTs), so the class head starts fresh.
     """
     ft = cfg.finetune
     if ft is None:
@@ -312,6 +315,7 @@ def phases(cfg: TrainConfig) -> dict[str, TrainConfig]:
         cfg.model,
         num_classes=ft.num_classes,
         init=str(root / "pretrain" / "checkpoints" / f"ckpt-{seen:012d}.pt"),
+        init_exclude=(*cfg.model.init_exclude, "head.*"),
         drop_path=cfg.model.drop_path if ft.drop_path is None else ft.drop_path,
     )
     tuned = TrainConfig(
@@ -485,9 +489,11 @@ def cifar10(path: str = "../shared/datasets/cifar10") -> TrainConfig:
 def imagenet_vit_b16(path: str = "/datasets/imagenet") -> TrainConfig:
     """The paper's ImageNet-1K ViT-B/16 row (Table 2): 256M samples at 112 px + 38.4M at 224 px, batch 4096."""
     return TrainConfig(
-        model=Model(name="vit_base_patch16_224", num_classes=1000, drop_path=0.1),
-        optim=Optim(lr=8e-4, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
-        augment=Augment(),
+        model=Model(name="vit_base_patch16_224", num_classes=1000, drop_path=0.1, kwargs=dict(global_pool="avg")),
+        # MAE's from-scratch ViT recipe (He et al. 2022, Table 11), which AdvXL Sec. 4.1 says it closely follows:
+        # lr 1e-4 x batch / 256 at batch 4096, weight decay 0.3, betas (0.9, 0.95), EMA 0.9999
+        optim=Optim(lr=1.6e-3, weight_decay=0.3, betas=(0.9, 0.95), clip_grad=1.0, ema_decay=0.9999),
+        augment=Augment(crop_scale=(0.08, 1.0)),
         data=Data(kind="folder", path=path, batch_size=4096, num_workers=10, val_samples=None),
         stages=two_stage(
             coarse_samples=256_000_000, fine_samples=38_400_000, coarse_size=112, fine_size=224, warmup=20 * 1_281_167
@@ -502,7 +508,7 @@ def imagenet_vit_l16(path: str = "/datasets/imagenet") -> TrainConfig:
     base = imagenet_vit_b16(path)
     return dataclasses.replace(
         base,
-        model=Model(name="vit_large_patch16_224", num_classes=1000, drop_path=0.2),
+        model=dataclasses.replace(base.model, name="vit_large_patch16_224", drop_path=0.2),
         run=dataclasses.replace(base.run, out_dir="runs/advxl-imagenet-vit-l16"),
     )
 
@@ -561,22 +567,41 @@ def imagenet_vit_g14(path: str = "/datasets/imagenet") -> TrainConfig:
 def imagenet_vit_s_convstem(path: str = "/datasets/imagenet") -> TrainConfig:
     """Singh, Croce & Hein (NeurIPS 2023, arXiv 2303.01870): ViT-S + ConvStem, APGD-2 adversarial training.
 
-    l_inf eps 4/255 with 2-step APGD, heavy augmentation (RandAugment, MixUp, CutMix, label smoothing), EMA,
-    300 epochs at 224 px, batch 1024. The paper starts from a clean-pretrained ViT-S + ConvStem (100 epochs of
-    clean training): set ``model.init=/path/to/clean.pt``.
+    l_inf eps 4/255 with 2-step APGD from the clean point (their ``apgd_train``: no random start), heavy
+    augmentation (RandAugment, MixUp, CutMix, label smoothing, random erasing 0.25, crop scale (0.08, 1),
+    bicubic), EMA, no drop path, no gradient clipping, 300 epochs at 224 px. The paper starts from a clean-trained
+    ViT-S + ConvStem (their own checkpoint, released by download link, not on the timm hub: pass it as
+    ``model.init=/path/clean.pt init_exclude=[]``). timm has no ConvStem ViT-S, so the preset names timm's
+    ImageNet-1k ViT-S (``augreg_in1k``; the authors' code loads ``vit_small_patch16_224`` from timm when
+    ``model.pretrained=1``) for every tensor but the patch stem, which ConvStem replaces (``init_exclude``).
     """
     epoch = 1_281_167
     return TrainConfig(
-        model=Model(name="vit_small_patch16_224", num_classes=1000, drop_path=0.1, stem="conv"),
-        optim=Optim(lr=1e-3, weight_decay=0.05, clip_grad=1.0, ema_decay=0.9999),
-        augment=Augment(randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+        model=Model(
+            name="vit_small_patch16_224",
+            num_classes=1000,
+            drop_path=0.0,
+            stem="conv",
+            init="timm:vit_small_patch16_224.augreg_in1k",
+            init_exclude=("patch_embed.proj.*",),
+        ),
+        optim=Optim(lr=1e-3, weight_decay=0.05, clip_grad=None, ema_decay=0.9999),
+        augment=Augment(
+            randaugment="rand-m9-mstd0.5-inc1",
+            mixup=0.8,
+            cutmix=1.0,
+            label_smoothing=0.1,
+            crop_scale=(0.08, 1.0),
+            interpolation="bicubic",
+            random_erasing=0.25,
+        ),
         data=Data(kind="folder", path=path, batch_size=1024, num_workers=10),
         stages=(
             Stage(
                 name="apgd2",
                 samples=300 * epoch,
                 img_size=224,
-                attack=Attack(kind="apgd", eps=4 / 255, steps=2),
+                attack=Attack(kind="apgd", eps=4 / 255, steps=2, random_start=False),
                 warmup_samples=20 * epoch,
             ),
         ),

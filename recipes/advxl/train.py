@@ -101,36 +101,22 @@ def load_init_weights(cfg: TrainConfig, model: Normalized, log) -> None:
     """Starts the inner timm model from clean-pretrained weights (``model.init``), as Singh et al. recommend.
 
     ``timm:<name.tag>`` downloads timm's pretrained weights (needs internet); anything else is a local file
-    holding a state_dict (a bare one, a ``{"model": ...}`` checkpoint of this recipe, or timm's). Position
-    embeddings are resampled to this model's grid (timm's ``checkpoint_filter_fn``); tensors whose shapes still
-    differ (a head with another class count) are skipped and reported, and a CLIP-text checkpoint's head (a
-    projection into the text space) is never loaded into a class model: phase 2 of a two-phase job starts fresh.
-    """
-    src = cfg.model.init
+    (advtrain.models.load_weights: containers, ``module.`` / ``model.`` / ``inner.`` prefixes). ViT position
+    embeddings are resampled to this grid (timm's ``checkpoint_filter_fn``). Strict (``model.init_strict``):
+    a missing, unexpected or shape-mismatched key not matched by ``model.init_exclude`` fails naming every key;
+    the report of every key is logged either way."""
+    from advtrain.models import load_weights
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    m, src = cfg.model, cfg.model.init
     if src.startswith("timm:"):
         import timm
 
-        sd = timm.create_model(src[5:], pretrained=True).state_dict()
-    else:
-        if not Path(src).exists():
-            raise FileNotFoundError(f"model.init {src!r} does not exist")
-        sd = torch.load(src, map_location="cpu", weights_only=True)
-        sd = sd.get("model", sd.get("state_dict", sd))
-        clip = "logit_scale" in sd and model.logit_scale is None  # a CLIP-text checkpoint's head maps to text space:
-        head = getattr(model.inner, "pretrained_cfg", {}).get("classifier", "head") if clip else "\0"  # start fresh
-        sd = {k.removeprefix("inner."): v for k, v in sd.items() if k not in ("mean", "std", "logit_scale")}
-        sd = {k: v for k, v in sd.items() if k != head and not k.startswith(head + ".")}
-    inner = model.inner
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(inner, VisionTransformer):
-        sd = checkpoint_filter_fn(sd, inner)
-    own = inner.state_dict()
-    skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
-    sd = {k: v for k, v in sd.items() if k not in skipped}
-    missing, unexpected = inner.load_state_dict(sd, strict=False)
-    log(f"initialized from {src}: {len(sd)} tensors loaded; shape-mismatched (skipped): {skipped}; "
-        f"missing: {sorted(missing)}; unexpected: {sorted(unexpected)}")
+        src = timm.create_model(src[5:], pretrained=True).state_dict()
+    vit_filter = checkpoint_filter_fn if isinstance(model.inner, VisionTransformer) else None
+    r = load_weights(model.inner, src, strict=m.init_strict, ignore=("logit_scale", *m.init_exclude),
+                     allow_missing=m.init_exclude, skip_mismatched=not m.init_strict, filter_fn=vit_filter)
+    log(f"initialized from {m.init}: {r.summary()}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -289,17 +275,20 @@ def val_batches(cfg: TrainConfig, val_ds, dd: Dist) -> Iterator:
     return take(loader, cfg.data.val_samples)
 
 
-def resolution_eval(cfg: TrainConfig, model: nn.Module, val_ds, dd: Dist, *, text, names) -> list:
-    """Clean and PGD accuracy at each ``eval.resolutions`` size (Singh et al.: higher test-time resolution)."""
+def resolution_eval(cfg: TrainConfig, model: nn.Module, dd: Dist, *, text, names) -> list:
+    """Clean and PGD accuracy at each ``eval.resolutions`` size (Singh et al.: higher test-time resolution); each
+    size reads fresh evaluation crops of the original images (resize + center crop at that size), not resized ones."""
     e = cfg.eval
     clf = text.classifier(model, names, cfg.clip_text.templates) if text is not None else model
-    batches = ((b[0].float().div(255), b[1]) for b in val_batches(cfg, val_ds, dd))
     pgd_k = functools.partial(pgd, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                               generator=torch.Generator(device=dd.device).manual_seed(cfg.run.seed))
-    batches = list(batches)  # the sweep passes over the (capped) validation set once per size
-    with autocast(cfg.run.precision, dd.device):
-        return resolution_sweep(clf, batches, sizes=list(e.resolutions), attacks={f"pgd{e.pgd_steps}": pgd_k},
-                                device=dd.device, progress=dd.main and interactive())
+    rows = []
+    for size in e.resolutions:  # the sweep passes over the (capped) validation set once per size
+        batches = [(b[0].float().div(255), b[1]) for b in val_batches(cfg, build_sources(cfg, size)[1], dd)]
+        with autocast(cfg.run.precision, dd.device):
+            rows += resolution_sweep(clf, batches, sizes=[size], attacks={f"pgd{e.pgd_steps}": pgd_k},
+                                     device=dd.device, progress=dd.main and interactive())
+    return rows
 
 
 # ================================================================================================ validation
@@ -459,7 +448,7 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
     metrics.close()
     seconds = timer.seconds
     if finished and cfg.eval.resolutions:
-        sweep = resolution_eval(cfg, pm.for_eval(ema=ema is not None), val_ds, dd, text=text, names=names)
+        sweep = resolution_eval(cfg, pm.for_eval(ema=ema is not None), dd, text=text, names=names)
         if dd.main:
             (run.path / "resolution.md").write_text(format_resolution_table(sweep))
             plot_resolution(sweep, run.path / "resolution.png")

@@ -420,10 +420,11 @@ def imagenet_resnet50(path: str = "/datasets/imagenet") -> TrainConfig:
     fixed 5,000-image subset of the validation set (all 50,000 x 75 corruptions take days of CPU time).
     """
     return TrainConfig(
-        model=Model(name="resnet50", num_classes=1000),
+        # the authors' imagenet.py: Normalize(0.5, 0.5), RandomSizedCrop(224) and Scale(256) (bilinear)
+        model=Model(name="resnet50", num_classes=1000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         adv=Adv(p_adv=0.2, eps=1 / 255, step_size=1 / 255, steps=1, beta=0.5, bn_groups=4),
         optim=Optim(lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=105, milestones=(30, 60, 90, 100)),
-        augment=Augment(crop_scale=(0.08, 1.0), hflip=True),
+        augment=Augment(crop_scale=(0.08, 1.0), hflip=True, interpolation="bilinear"),
         data=Data(kind="folder", path=path, img_size=224, batch_size=320, num_workers=10),
         eval=Eval(corruption_samples=5000),
         run=Run(out_dir="runs/fast_advprop-imagenet-resnet50", checkpoint_every=5_000_000),

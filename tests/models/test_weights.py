@@ -193,3 +193,15 @@ def test_timm_model_from_a_recipe_checkpoint(tmp_path):
     other = timm.create_model("resnet10t", pretrained=False, num_classes=7)
     with pytest.raises(WeightsMismatchError, match=r"fc\.weight: checkpoint \(5, 512\) vs model \(7, 512\)"):
         load_weights(other, tmp_path / "c.pt")
+
+
+def test_allow_missing_tolerates_only_the_named_model_keys_and_still_reports_them():
+    src, dst = nn.Sequential(nn.Linear(2, 3)), nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4))
+    before = dst[1].weight.clone()
+    with pytest.raises(WeightsMismatchError, match=r"2 missing \['1\.bias', '1\.weight'\]"):
+        load_weights(dst, src.state_dict())
+    with pytest.raises(WeightsMismatchError, match=r"'1\.weight'"):
+        load_weights(dst, src.state_dict(), allow_missing=("1.bias",))
+    report = load_weights(dst, src.state_dict(), allow_missing=("1.*",))
+    assert report.missing == ("1.bias", "1.weight") and not report.ok() and "1.weight" in report.summary()
+    assert torch.equal(dst[0].weight, src[0].weight) and torch.equal(dst[1].weight, before)

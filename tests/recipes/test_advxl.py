@@ -369,11 +369,12 @@ def test_clip_text_mode_reads_image_text_shards_without_labels(tmp_path):
     assert out["finished"] and all(0 <= e["clean"] <= 1 for e in out["evals"])
 
 
-@pytest.mark.slow
-def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
+def test_init_is_strict_handles_prefixes_and_resamples_position_embeddings(tmp_path):
+    from advtrain.models import WeightsMismatchError
+
     cfg = tiny(tmp_path)
     src = train.build_model(cfg)  # trained at 32 px: a 4x4 grid of /8 patches
-    torch.save(src.state_dict(), tmp_path / "clean.pt")
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "clean.pt")  # DDP
     big = dataclasses.replace(
         cfg.model,
         kwargs={**cfg.model.kwargs, "img_size": 64, "dynamic_img_size": False},
@@ -381,13 +382,68 @@ def test_init_from_a_clean_checkpoint_resamples_position_embeddings(tmp_path):
         init=str(tmp_path / "clean.pt"),
     )
     dst = train.build_model(dataclasses.replace(cfg, model=big))
+    before = dst.inner.head.weight.clone()
+    with pytest.raises(WeightsMismatchError, match=r"head\.weight: checkpoint \(10, ") as err:  # 10 -> 7 classes
+        train.load_init_weights(dataclasses.replace(cfg, model=big), dst, print)
+    assert not torch.equal(dst.inner.blocks[0].attn.qkv.weight, src.inner.blocks[0].attn.qkv.weight)  # untouched
+    assert "module." in err.value.report.prefixes
     logs = []
-    train.load_init_weights(dataclasses.replace(cfg, model=big), dst, logs.append)
+    excl = dataclasses.replace(big, init_exclude=("head.*",))
+    train.load_init_weights(dataclasses.replace(cfg, model=excl), dst, logs.append)
     assert dst.inner.pos_embed.shape[1] == 64 and src.inner.pos_embed.shape[1] == 16  # 8x8 grid from 4x4
     assert torch.equal(dst.inner.blocks[0].attn.qkv.weight, src.inner.blocks[0].attn.qkv.weight)
-    assert "head.weight" in logs[0] and "skipped" in logs[0]  # 10 -> 7 classes: the head stays fresh
-    with pytest.raises(FileNotFoundError, match="model.init"):
+    assert torch.equal(dst.inner.head.weight, before)  # excluded: the new head keeps its init
+    assert "missing ['head.bias', 'head.weight']" in logs[0] and "ignored ['head.bias', 'head.weight']" in logs[0]
+    # a model key the checkpoint lacks fails strict init, naming it; init_strict=false loads the rest and reports it
+    torch.save({k: v for k, v in src.state_dict().items() if k != "inner.blocks.0.norm1.weight"}, tmp_path / "part.pt")
+    part = dataclasses.replace(excl, init=str(tmp_path / "part.pt"))
+    with pytest.raises(WeightsMismatchError, match=r"3 missing \['blocks\.0\.norm1\.weight', 'head"):
+        train.load_init_weights(dataclasses.replace(cfg, model=part), dst, print)
+    logs.clear()
+    train.load_init_weights(
+        dataclasses.replace(cfg, model=dataclasses.replace(part, init_strict=False)), dst, logs.append
+    )
+    assert "'blocks.0.norm1.weight'" in logs[0]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         train.load_init_weights(dataclasses.replace(cfg, model=dataclasses.replace(big, init="/nope.pt")), dst, print)
+
+
+def test_resolution_sweep_takes_fresh_crops_of_the_originals(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from advtrain.data import val_transform
+    from advtrain.eval import resize_images
+
+    g = torch.Generator().manual_seed(0)
+    originals = {}
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                img = Image.fromarray(torch.randint(0, 256, (80, 96, 3), generator=g, dtype=torch.uint8).numpy())
+                img.save(tmp_path / "data" / split / c / f"{i}.png")
+                originals[(split, c, i)] = img
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        data=Data(kind="folder", path=str(tmp_path / "data"), batch_size=4, num_workers=0),
+        eval=dataclasses.replace(cfg.eval, resolutions=(32, 48)),
+    )
+    seen = {}
+
+    def fake_sweep(model, batches, *, sizes, **kw):
+        seen[sizes[0]] = torch.cat([b[0] for b in batches])
+        return []
+
+    monkeypatch.setattr(train, "resolution_sweep", fake_sweep)
+    dd = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    train.resolution_eval(cfg, train.build_model(cfg), dd, text=None, names=None)
+    vals = [originals[("val", c, i)] for c in ("a", "b") for i in range(2)]
+    for size in (32, 48):
+        want = torch.stack([val_transform(size=size)(im) for im in vals]).float() / 255
+        assert seen[size].shape == (4, 3, size, size) and torch.allclose(seen[size], want)
+    upsampled = resize_images(seen[32], 48)
+    assert (upsampled - seen[48]).abs().mean() > 0.05  # what the old sweep fed the model at 48 px
 
 
 @pytest.mark.slow
@@ -421,6 +477,25 @@ def test_singh_preset_is_apgd2_convstem():
     cfg = preset("imagenet_vit_s_convstem")
     assert cfg.model.stem == "conv" and cfg.stages[0].attack.kind == "apgd" and cfg.stages[0].attack.steps == 2
     assert cfg.optim.ema_decay and cfg.augment.mixup and cfg.augment.randaugment
+    assert cfg.stages[0].attack.random_start is False and cfg.augment.random_erasing == 0.25  # their apgd_train
+    assert cfg.model.init == "timm:vit_small_patch16_224.augreg_in1k" and cfg.model.init_exclude
+
+
+def test_singh_init_loads_every_tensor_but_the_patch_stem(tmp_path, monkeypatch):
+    import timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny(tmp_path)  # a random-init stand-in of the same timm architecture, ConvStem on top
+    stem = dataclasses.replace(cfg.model, stem="conv", init="timm:stand-in", init_exclude=("patch_embed.proj.*",))
+    cfg = dataclasses.replace(cfg, model=stem)
+    clean = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
+    dst = train.build_model(cfg)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: clean)  # what "timm:<name>" would fetch
+    logs = []
+    train.load_init_weights(cfg, dst, logs.append)
+    assert torch.equal(dst.inner.blocks[0].mlp.fc1.weight, clean.blocks[0].mlp.fc1.weight)
+    assert "ignored ['patch_embed.proj.bias', 'patch_embed.proj.weight']" in logs[0]
+    assert "0 unexpected" in logs[0] and "patch_embed.proj.stem.0.weight" in logs[0]  # the ConvStem keeps its init
 
 
 def _ddp_worker(rank: int, out_dir: str):
