@@ -197,6 +197,7 @@ class Run(RunConfig):
     out_dir: str = "runs/advxl"
     compile: bool = False  # torch.compile the model (and a detach_params view of it for the attack)
     compare_standard: bool = False  # also train the same model with no attack and report both
+    compare_one_stage: bool = False  # also train one stage at the last stage's size and attack, same samples seen
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,13 +345,14 @@ def embedded() -> TrainConfig:
                 warmup_samples=500,
             ),
         ),
-        eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=eps / 8),
+        eval=Eval(eps=eps, pgd_steps=20, pgd_step_size=eps / 8, img_size=32),
         run=Run(
             out_dir="runs/advxl-embedded",
             precision="fp32",
             checkpoint_every=10_000,
             log_every=50,
             compare_standard=True,
+            compare_one_stage=True,
             threads=1,
         ),
     )

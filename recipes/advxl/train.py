@@ -438,10 +438,10 @@ def main(cfg: TrainConfig, *, stop_after_samples: int | None = None) -> dict:
                            "lr": opt.param_groups[0]["lr"]} | all_mean({"loss": loss}, dd) | timer.window()
                           | budget.metrics())
         if stage_done:
-            size = cfg.eval.img_size or stage.img_size
-            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=size, text=text, names=names,
+            px = cfg.eval.img_size or stage.img_size  # not `size`: that is the training loader's
+            r = run_eval(cfg, ema.module if ema is not None else raw, val_ds, dd, img_size=px, text=text, names=names,
                          run_dir=run.path, name=stage.name)
-            evals.append(r | {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": size})
+            evals.append(r | {"kind": "eval", "stage": stage.name, "samples": samples, "img_size": px})
             log(f"stage {stage.name} done at {samples} samples: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in r.items() if isinstance(v, float)))
             metrics.write(evals[-1])

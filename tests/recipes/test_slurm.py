@@ -62,9 +62,10 @@ def slurm_cluster():
 
 
 def embedded(out_dir: Path):
-    """The AdvXL embedded-default preset, adversarial run only (no standard-training twin)."""
+    """The AdvXL embedded-default preset, two-stage run only (no one-stage or standard-training twin)."""
     cfg = preset("embedded")
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False))
+    run = dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False, compare_one_stage=False)
+    return dataclasses.replace(cfg, run=run)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,7 @@ def test_failing_job_reports_its_error_to_the_launching_command(tmp_path):
         "slurm",
         f'run.out_dir="{tmp_path / "bad"}"',
         "run.compare_standard=false",
+        "run.compare_one_stage=false",
         "optim.lr=1e12",
         "optim.clip_grad=null",
     ]
