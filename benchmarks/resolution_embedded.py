@@ -1,7 +1,7 @@
 """Test-time resolution sweep of the AdvXL embedded default's adversarially trained ViT (CPU, a few seconds).
 
 Run the main job first (``python -m recipes.advxl.launch``), then:
-    python benchmarks/resolution_embedded.py [runs/advxl-embedded/adversarial]
+    python benchmarks/resolution_embedded.py [runs/advxl-embedded/two_stage]
 Writes benchmarks/results/resolution_embedded.{md,png}.
 """
 
@@ -21,7 +21,7 @@ from recipes.advxl.config import load_config
 
 def main() -> None:
     torch.set_num_threads(1)
-    run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/advxl-embedded/adversarial")
+    run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/advxl-embedded/two_stage")
     cfg = load_config(run_dir / "config.json")
     state = train.load_latest_checkpoint(run_dir, print)
     model = train.build_model(cfg)

@@ -115,8 +115,8 @@ def schedule(cfg: TrainConfig) -> str:
 
 
 def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> str:
-    """The launch's ``comparison.md``: one row per run (final accuracies, samples seen, nominal cost, measured
-    times), then each run's accuracies at every stage's end."""
+    """The launch's ``comparison.md``: one row per run (the samples it saw, whole batches; nominal cost; final
+    accuracies; measured times), then each run's accuracies at every stage's end."""
     c0 = next(iter(cfgs.values()))
     k, key = c0.eval.pgd_steps, f"pgd{c0.eval.pgd_steps}"
     ref = cost(cfgs["one_stage"]) if "one_stage" in cfgs else cost(c0)
@@ -128,7 +128,7 @@ def comparison_table(results: dict[str, dict], cfgs: dict[str, TrainConfig]) -> 
     for label, r in results.items():
         c, e = cfgs[label], r["evals"][-1]
         lines.append(
-            f"| {NAMES.get(label, label)} | {schedule(c)} | {c.total_samples:,} | {cost(c):,.0f} "
+            f"| {NAMES.get(label, label)} | {schedule(c)} | {e['samples']:,} | {cost(c):,.0f} "
             f"({cost(c) / ref:.2f}x) | {100 * e['clean']:.2f} | {100 * e[key]:.2f} | {r['train_seconds']:.0f} "
             f"| {r['seconds']:.0f} |"
         )

@@ -64,7 +64,7 @@ def slurm_cluster():
 def embedded(out_dir: Path):
     """The AdvXL embedded-default preset, two-stage run only (no one-stage or standard-training twin)."""
     cfg = preset("embedded")
-    run = dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False, compare_one_stage=False)
+    run = dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False, compare_one_stage=False, threads=1)
     return dataclasses.replace(cfg, run=run)
 
 
