@@ -304,7 +304,7 @@ def embedded() -> TrainConfig:
     Every stage is evaluated at 32 px (at 16 px the same eps is a weaker attack). The launcher also trains
     one-stage 32 px PGD-3 for the same samples (``run.compare_one_stage``, same ramp) and the same model without
     attacks (``run.compare_standard``), and prints the three side by side. Two intra-op threads: the three runs
-    take about 3 min on an idle 2-core machine (recipes/advxl/README.md).
+    took 220 s and 304 s on a 2-core machine shared with other jobs (recipes/advxl/README.md).
     """
     eps = 0.1
     return TrainConfig(

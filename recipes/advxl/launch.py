@@ -109,7 +109,7 @@ def cost(cfg: TrainConfig) -> float:
 
 
 def schedule(cfg: TrainConfig) -> str:
-    """The stages in a few words: ``16 px PGD-1 x 36,032 + 32 px PGD-3 x 6,400``."""
+    """The stages in a few words: ``16 px PGD-1 x 36,000 + 32 px PGD-3 x 6,400`` (configured samples)."""
     attack = lambda a: f"{a.kind.upper()}-{a.steps}" if a.steps else "clean"  # noqa: E731
     return " + ".join(f"{s.img_size} px {attack(s.attack)} x {s.samples:,}" for s in cfg.stages)
 

@@ -119,6 +119,8 @@ def test_two_task_gloo_job_matches_the_single_process_run(reference, tmp_path):
     #   clean and PGD-20 top-1 at each stage's end (450 validation images): within 3 points.
     # Measured on 2026-12-01 (2 cores): first loss 1.2e-7 apart, means 1.6241 vs 1.6214, fine stage clean
     # 89.33 vs 89.78 and PGD-20 46.22 vs 46.22, coarse stage PGD-20 55.78 vs 57.11.
+    # Not re-measured since the preset changed (2026-12-02: eps ramp 24,000 samples, every stage evaluated at 32 px,
+    # so the coarse stage now reads ~7% PGD-20): no SLURM controller was reachable from that session.
     a = [r["loss"] for r in rows(ref_dir) if r["kind"] == "train"]
     b = [r["loss"] for r in rows(tmp_path / "ddp") if r["kind"] == "train"]
     assert len(a) == len(b)
