@@ -1,7 +1,7 @@
 """Test-time resolution sweep of the AdvXL embedded default's adversarially trained ViT (CPU, a few seconds).
 
 Run the main job first (``python -m recipes.advxl.launch``), then:
-    python benchmarks/resolution_embedded.py [runs/advxl-embedded/adversarial]
+    python benchmarks/resolution_embedded.py [runs/advxl-embedded/two_stage]
 Writes benchmarks/results/resolution_embedded.{md,png}.
 """
 
@@ -14,19 +14,21 @@ from pathlib import Path
 import torch
 
 from advtrain import pgd
+from advtrain.data._recipe import digits_arrays
 from advtrain.eval import format_resolution_table, plot_resolution, resolution_sweep
+from advtrain.training import load_latest_checkpoint
 from recipes.advxl import train
 from recipes.advxl.config import load_config
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/advxl-embedded/adversarial")
+    run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/advxl-embedded/two_stage")
     cfg = load_config(run_dir / "config.json")
-    state = train.load_latest_checkpoint(run_dir, print)
+    state = load_latest_checkpoint(run_dir, print)
     model = train.build_model(cfg)
     model.load_state_dict(state["model"])
-    _, _, xv, yv = train.digits_arrays(cfg.run.seed)
+    _, _, xv, yv = digits_arrays(cfg.run.seed)
     batches = [(xv[i : i + 150].float() / 255, yv[i : i + 150]) for i in range(0, len(yv), 150)]
     e = cfg.eval
     attack = functools.partial(

@@ -52,6 +52,7 @@ def tiny(tmp_path, **run) -> TrainConfig:
             checkpoint_every=64,
             log_every=1,
             compare_standard=False,
+            compare_one_stage=False,
             threads=1,
             **run,
         ),
@@ -229,23 +230,77 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
 
 
+def test_the_embedded_comparison_is_two_stage_one_stage_and_standard_at_equal_samples():
+    from recipes.advxl import launch
+
+    cfg = preset("embedded")
+    cfgs = launch.runs(cfg)
+    assert list(cfgs) == ["two_stage", "one_stage", "standard"]
+    two, one, std = cfgs.values()
+    assert two.stages == cfg.stages and [s.img_size for s in two.stages] == [16, 32]
+    (full,) = one.stages  # one stage at the full size with the fine stage's attack, for the same samples seen
+    assert full.img_size == 32 and full.attack == cfg.stages[-1].attack and full.attack.steps == 3
+    assert one.total_samples == two.total_samples == std.total_samples
+    assert (full.lr, full.warmup_samples, full.eps_warmup_samples) == (
+        cfg.stages[0].lr,
+        cfg.stages[0].warmup_samples,
+        cfg.stages[0].eps_warmup_samples,
+    )
+    assert all(s.attack.steps == 0 for s in std.stages) and [s.img_size for s in std.stages] == [16, 32]
+    assert all(c.model == cfg.model and c.eval == cfg.eval and c.optim == cfg.optim for c in cfgs.values())
+    dirs = [c.run.out_dir for c in cfgs.values()]
+    assert len(set(dirs)) == 3 and all(d.startswith(cfg.run.out_dir + "/") for d in dirs)
+    assert not any(c.run.compare_standard or c.run.compare_one_stage for c in cfgs.values())
+    # nominal cost in full-resolution passes: samples x (steps + 1) x (px / 32)^2
+    c, f = cfg.stages
+    assert launch.cost(two) == pytest.approx(c.samples * 2 / 4 + f.samples * 4)
+    assert launch.cost(one) == pytest.approx(cfg.total_samples * 4)
+    single = dataclasses.replace(cfg, stages=cfg.stages[1:])
+    with pytest.raises(ValueError, match="compare_one_stage needs two or more stages"):
+        launch.runs(single)
+
+
+def test_evaluating_every_stage_at_the_full_size_still_trains_the_next_stage_at_its_own(tmp_path):
+    """eval.img_size=32 after a 16 px stage: the 32 px stage must get a 32 px loader (it kept the 16 px one)."""
+    cfg = tiny(tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        stages=tuple(dataclasses.replace(s, samples=32) for s in cfg.stages),
+        data=dataclasses.replace(cfg.data, val_samples=32),
+        eval=dataclasses.replace(cfg.eval, img_size=32, pgd_steps=1),
+    )
+    out = train.main(cfg)
+    assert out["finished"] and [(e["stage"], e["img_size"]) for e in out["evals"]] == [("coarse", 32), ("fine", 32)]
+
+
 @pytest.mark.slow
 def test_a_rerun_of_finished_runs_keeps_their_times_in_the_comparison(tmp_path, capsys):
     from recipes.advxl import launch
 
     cfg = tiny(tmp_path)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compare_standard=True))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compare_standard=True, compare_one_stage=True))
     first = launch.run_local(cfg)
-    again = launch.run_local(cfg)  # both runs resume from their final checkpoints: nothing is trained
-    for label in ("adversarial", "standard"):
+    again = launch.run_local(cfg)  # every run resumes from its final checkpoint: nothing is trained
+    for label in ("two_stage", "one_stage", "standard"):
         a, b = first[label], again[label]
         assert b["train_seconds"] == a["train_seconds"] > 0  # the times measured when they trained, not 0
         assert b["seconds"] == pytest.approx(a["seconds"], abs=0.5) and b["evals"] == a["evals"]
+    assert [e["stage"] for e in first["one_stage"]["evals"]] == ["full"]
 
-    def times(table: str) -> list[float]:  # the time column of the comparison's two rows
-        return [float(line.split("|")[-2]) for line in table.splitlines()[2:4]]
+    def rows(table: str) -> dict[str, list[str]]:  # the comparison's rows by training, cells stripped
+        body = [line.split("|")[1:-1] for line in table.splitlines()[2:] if line.startswith("| ")]
+        return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in body}
 
-    assert times((tmp_path / "run" / "comparison.md").read_text()) == pytest.approx(times(first["table"]), abs=1)
+    table = rows(first["table"])
+    assert list(table) == ["AdvXL two-stage", "one-stage full resolution", "standard training (no attack)"]
+    samples = {name: r[1] for name, r in table.items()}
+    assert set(samples.values()) == {"192"}  # equal samples seen
+    assert table["one-stage full resolution"][0] == "32 px PGD-2 x 192"
+    assert table["one-stage full resolution"][2].endswith("(1.00x)")
+    on_disk = rows((tmp_path / "run" / "comparison.md").read_text())  # the rerun's table, written over the first
+    for name in table:
+        assert [float(x) for x in on_disk[name][-2:]] == pytest.approx([float(x) for x in table[name][-2:]], abs=1)
+        assert on_disk[name][:-2] == table[name][:-2]
     out = capsys.readouterr().out
     assert "\r" not in out and "advxl 192/192 img" in out  # no bar where stdout is not a terminal: lines
 
@@ -261,7 +316,7 @@ def test_a_changed_override_on_a_rerun_exits_with_the_differing_fields(tmp_path)
     with pytest.raises(SystemExit) as e:
         launch.main(["--preset", "embedded", f"run.out_dir={out_dir}", "optim.lr=0.002", "data.batch_size=32"])
     msg = str(e.value)
-    assert "\n" not in msg and f"{tmp_path / 'run' / 'adversarial'} holds a run with a different config" in msg
+    assert "\n" not in msg and f"{tmp_path / 'run' / 'two_stage'} holds a run with a different config" in msg
     assert "data.batch_size 64 -> 32, optim.lr 0.003 -> 0.002" in msg and "--fresh" in msg
     with pytest.raises(SystemExit) as e:  # a bad value: the key and the value in one line
         launch.main(["--preset", "embedded", "optim.lr=fast"])

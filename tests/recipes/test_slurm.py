@@ -62,9 +62,10 @@ def slurm_cluster():
 
 
 def embedded(out_dir: Path):
-    """The AdvXL embedded-default preset, adversarial run only (no standard-training twin)."""
+    """The AdvXL embedded-default preset, two-stage run only (no one-stage or standard-training twin)."""
     cfg = preset("embedded")
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False))
+    run = dataclasses.replace(cfg.run, out_dir=str(out_dir), compare_standard=False, compare_one_stage=False, threads=1)
+    return dataclasses.replace(cfg, run=run)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,8 @@ def test_two_task_gloo_job_matches_the_single_process_run(reference, tmp_path):
     #   clean and PGD-20 top-1 at each stage's end (450 validation images): within 3 points.
     # Measured on 2026-12-01 (2 cores): first loss 1.2e-7 apart, means 1.6241 vs 1.6214, fine stage clean
     # 89.33 vs 89.78 and PGD-20 46.22 vs 46.22, coarse stage PGD-20 55.78 vs 57.11.
+    # Not re-measured since the preset changed (2026-12-02: eps ramp 24,000 samples, every stage evaluated at 32 px,
+    # so the coarse stage now reads ~7% PGD-20): no SLURM controller was reachable from that session.
     a = [r["loss"] for r in rows(ref_dir) if r["kind"] == "train"]
     b = [r["loss"] for r in rows(tmp_path / "ddp") if r["kind"] == "train"]
     assert len(a) == len(b)
@@ -173,6 +176,7 @@ def test_failing_job_reports_its_error_to_the_launching_command(tmp_path):
         "slurm",
         f'run.out_dir="{tmp_path / "bad"}"',
         "run.compare_standard=false",
+        "run.compare_one_stage=false",
         "optim.lr=1e12",
         "optim.clip_grad=null",
     ]
