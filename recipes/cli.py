@@ -28,6 +28,7 @@ from advtrain.training import (
     check_run_dir,
     override,
     precision_for_device,
+    teardown_distributed,
 )
 from recipes import cluster
 
@@ -270,4 +271,5 @@ def main(
     # found once training set up (a bad-sample budget exceeded, an unreadable shard): one line, no traceback
     except (RunDirError, ResumeError, MetricsError, ConfigError, BadSampleError, ShardReadError) as err:
         sys.exit(f"error: {err}")
+    teardown_distributed()  # a DDP wrapper left to the interpreter's exit can abort a finished job
     print(f"total wall-clock: {time.perf_counter() - start:.0f} s")

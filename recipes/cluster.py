@@ -214,7 +214,11 @@ class RecipeJob:
             flush=True,
         )
         launch_module = importlib.import_module(f"recipes.{self.recipe}.launch")
-        return _summary(launch_module.run_local(self.cfg))
+        summary = _summary(launch_module.run_local(self.cfg))
+        from advtrain.training import teardown_distributed
+
+        teardown_distributed()  # frees the DDP wrapper before the process group and the interpreter go
+        return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption or time-out: requeue the same job; it resumes from the latest checkpoint."""

@@ -18,6 +18,8 @@ A loop built from it (a sketch; ``recipes/*/train.py`` are complete ones)::
         restore_training_state(state, objects, dd)
     ...
     save_checkpoint(run.path, training_state(objects, dd, samples_seen=samples), keep=2)  # on rank 0
+    ...
+    teardown_distributed()  # once training succeeded: frees the DDP wrapper, then destroys the process group
 """
 
 from advtrain.training import _validate as validators  # check, positive, in_range, eps_for_norm, ...
@@ -39,7 +41,15 @@ from advtrain.training._config import (
     override,
     precision_for_device,
 )
-from advtrain.training._distributed import Dist, all_mean, barrier, gather_per_rank, setup_distributed, wrap_ddp
+from advtrain.training._distributed import (
+    Dist,
+    all_mean,
+    barrier,
+    gather_per_rank,
+    setup_distributed,
+    teardown_distributed,
+    wrap_ddp,
+)
 from advtrain.training._loop import (
     Every,
     autocast,
@@ -136,6 +146,7 @@ __all__ = [
     "seeded_host_rng",
     "set_rng_state",
     "setup_distributed",
+    "teardown_distributed",
     "stable_seed",
     "step_generator",
     "take",

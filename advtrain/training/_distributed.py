@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from typing import Any
 
@@ -61,6 +62,27 @@ def barrier(dd: Dist) -> None:
     """Waits for every rank (nothing in one process)."""
     if dd.world > 1:
         dist.barrier()
+
+
+def teardown_distributed() -> None:
+    """Ends this process's part of a distributed job: frees unreachable DDP wrappers, waits for every rank, and
+    destroys the default process group (nothing when none is initialized). Call it once, after training succeeded.
+
+    A ``DistributedDataParallel`` wrapper sits in a reference cycle, so it outlives the function that made it until
+    the garbage collector runs. One still alive when the process group is destroyed, or when the interpreter
+    exits, can abort the process (gloo: ``terminate called without an active exception``, SIGABRT; one 2-rank run
+    in three in a minimal test), which turns a finished job into a failed one under torchrun or SLURM. Hence the
+    ``gc.collect()`` first. Do not call it on an error path: the barrier would wait for ranks that may never
+    arrive; exit, and the launcher stops the others.
+
+    Example:
+        >>> teardown_distributed()  # one process, no group: nothing to do
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap_ddp(model: nn.Module, dd: Dist, **kwargs: Any) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 from advtrain import pgd
 from advtrain.losses import clip_contrastive_loss, contrastive_attack_loss, gather_features, gather_other_ranks
 from advtrain.losses._gather import scale_grad
+from advtrain.training import teardown_distributed
 from tests.gloo import spawn_gloo
 
 WORLD, B, D = 2, 4, 8
@@ -52,22 +53,24 @@ def _grads(model: nn.Module) -> dict[str, list]:
     return {k: p.grad.flatten().tolist() for k, p in model.named_parameters()}
 
 
+def _rank_row(rank: int, gather: bool) -> dict:
+    x, t = _data()
+    xl, tl = x[rank * B : (rank + 1) * B], t[rank * B : (rank + 1) * B]
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss = clip_contrastive_loss(ddp(xl), tl, logit_scale=model.logit_scale, gather=gather)
+    loss.backward()
+    others = gather_other_ranks(tl)
+    attack = contrastive_attack_loss(logit_scale=model.logit_scale, text_negatives=others)(model(xl).detach(), tl)
+    return {"loss": loss.item(), "grads": _grads(model), "attack": attack.tolist(), "others": others.tolist()}
+
+
 def _worker(rank: int, out: str, gather: bool) -> None:
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    try:
-        x, t = _data()
-        xl, tl = x[rank * B : (rank + 1) * B], t[rank * B : (rank + 1) * B]
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        loss = clip_contrastive_loss(ddp(xl), tl, logit_scale=model.logit_scale, gather=gather)
-        loss.backward()
-        others = gather_other_ranks(tl)
-        attack = contrastive_attack_loss(logit_scale=model.logit_scale, text_negatives=others)(model(xl).detach(), tl)
-        row = {"loss": float(loss), "grads": _grads(model), "attack": attack.tolist(), "others": others.tolist()}
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump(row, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    row = _rank_row(rank, gather)  # the DDP wrapper is unreachable from here on: teardown collects it
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(row, f)
+    teardown_distributed()
 
 
 def _reference():
@@ -125,19 +128,17 @@ def test_without_gather_the_per_rank_negatives_give_another_loss_and_gradient(tm
 
 def _uneven_attack_worker(rank: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
-    try:
-        x, t = _data()
-        xl, tl = x[rank * B : (rank + 1) * B], t[rank * B : (rank + 1) * B]
-        model = _model()
-        loss_fn = contrastive_attack_loss(logit_scale=model.logit_scale, text_negatives=gather_other_ranks(tl))
-        steps = 1 + 4 * rank  # rank 0: 1 step, rank 1: 5 steps; a collective per step would time out
-        x_adv = pgd(model, xl, tl, eps=8 / 255, step_size=2 / 255, steps=steps, loss_fn=loss_fn, random_start=False)
-        before, after = loss_fn(model(xl), tl).mean(), loss_fn(model(x_adv), tl).mean()
-        torch.distributed.barrier()  # both ranks got here: no collective was left waiting
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"before": float(before.detach()), "after": float(after.detach())}, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    x, t = _data()
+    xl, tl = x[rank * B : (rank + 1) * B], t[rank * B : (rank + 1) * B]
+    model = _model()
+    loss_fn = contrastive_attack_loss(logit_scale=model.logit_scale, text_negatives=gather_other_ranks(tl))
+    steps = 1 + 4 * rank  # rank 0: 1 step, rank 1: 5 steps; a collective per step would time out
+    x_adv = pgd(model, xl, tl, eps=8 / 255, step_size=2 / 255, steps=steps, loss_fn=loss_fn, random_start=False)
+    before, after = loss_fn(model(xl), tl).mean(), loss_fn(model(x_adv), tl).mean()
+    torch.distributed.barrier()  # both ranks got here: no collective was left waiting
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"before": float(before.detach()), "after": float(after.detach())}, f)
+    teardown_distributed()
 
 
 @pytest.mark.slow

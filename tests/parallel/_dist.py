@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from advtrain.training import teardown_distributed
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -22,10 +24,8 @@ def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)  # on an error the process exits with it; spawn reports the traceback
+    teardown_distributed()  # frees fn's DDP wrappers (reference cycles) before the group goes
 
 
 def run_ranks(fn, world: int, *args) -> None:

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from advtrain.training import load_latest_checkpoint
+from advtrain.training import load_latest_checkpoint, teardown_distributed
 from recipes.advxl import train
 from recipes.advxl.config import Attack, Augment, ClipText, Data, Optim, Stage, TrainConfig, from_dict, override, preset
 from recipes.advxl.launch import parse
@@ -558,7 +558,7 @@ def _ddp_worker(rank: int, out_dir: str):
 
     out = train.main(tiny(pathlib.Path(out_dir)))
     torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from advtrain.training import teardown_distributed
 from recipes.advxl import launch, train
 from recipes.advxl.config import override, phases, preset
 from tests.gloo import spawn_gloo
@@ -140,7 +141,7 @@ def _ddp_clip_worker(rank: int, out_dir: str, data: str):
     cfg = dataclasses.replace(cfg, stages=(dataclasses.replace(cfg.stages[0], samples=128),))
     out = train.main(cfg)
     torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from torch import nn
 from advtrain import cross_entropy
 from advtrain.bn import bn_route, ghost_bn, shuffle_permutation, split_parameters
 from advtrain.data import TensorSource
-from advtrain.training import load_latest_checkpoint
+from advtrain.training import load_latest_checkpoint, teardown_distributed
 from recipes.fast_advprop import train
 from recipes.fast_advprop.config import (
     Adv,
@@ -596,7 +596,7 @@ def _ddp_worker(rank: int, out_dir: str):
     out = train.main(cfg)
     torch.save(out["final_weights"], f"{out_dir}/rank{rank}.pt")
     pathlib.Path(f"{out_dir}/rank{rank}.json").write_text(json.dumps(per_step))
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.mark.slow

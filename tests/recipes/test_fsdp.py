@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from advtrain.training import teardown_distributed
 from recipes.advxl import train
 from tests.gloo import spawn_gloo
 from tests.recipes.test_advxl import losses, tiny
@@ -47,12 +48,12 @@ def _fsdp_worker(rank: int, root: str):
     torch.distributed.barrier()
     out = train.main(cfg_b)  # resumed on 2 processes
     torch.save(out["final_weights"], root / f"b-rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 def _ddp_worker(rank: int, root: str):
     train.main(cfg_of(pathlib.Path(root) / "ddp", "ddp"))
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 def _one_process_resume(rank: int, root: str):
@@ -89,7 +90,7 @@ def _one_process_resume(rank: int, root: str):
         },
         open(root / "c.json", "w"),
     )
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,7 @@ def _attack_worker(rank: int, root: str):
     ref = pgd(plain.eval(), x, y, generator=torch.Generator().manual_seed(1), **kw)
     grads = [n for n, p in raw.named_parameters() if p.grad is not None]
     torch.save({"grads": grads, "diff": (adv - ref).abs().max().item()}, f"{root}/attack{rank}.pt")
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.mark.slow  # two spawned processes: ~15 s on the shared 2-core machine, mostly imports
