@@ -199,12 +199,20 @@ def dry_run_world(args: argparse.Namespace) -> int:
 
 
 def memory_lines(
-    model: str, sizes: list[int], *, batch: int, world: int, run, num_classes: int, kwargs: dict | None = None
+    model: str,
+    sizes: list[int],
+    *,
+    batch: int,
+    world: int,
+    run,
+    num_classes: int,
+    kwargs: dict | None = None,
+    ema: bool = False,
 ) -> list[str]:
     """The per-GPU memory estimate (``advtrain.parallel.estimate_memory``) of a run at each training size.
 
-    One line per distinct size, for ``run.parallel``, ``run.activation_checkpointing`` and ``run.precision``;
-    a model the estimate cannot build gives one line that says why.
+    One line per distinct size, for ``run.parallel``, ``run.activation_checkpointing`` and ``run.precision``,
+    with an fp32 EMA copy when ``ema``; a model the estimate cannot build gives one line that says why.
     """
     from advtrain.parallel import estimate_memory, format_memory_estimate
 
@@ -223,6 +231,7 @@ def memory_lines(
                 precision=run.precision,
                 num_classes=num_classes,
                 model_kwargs=kwargs or {},
+                ema=ema,
             )
         except Exception as err:  # noqa: BLE001 - an estimate is advice: never stop a dry run for it
             return out + [f"memory estimate unavailable for {model}: {type(err).__name__}: {err}"]

@@ -31,10 +31,11 @@ class MemoryEstimate(NamedTuple):
     optim: int  # bytes: AdamW exp_avg + exp_avg_sq, fp32 (FSDP: shards)
     working: int  # bytes: DDP gradient buckets and autocast's bf16 weight copies / FSDP gathered units
     activations: int  # bytes: tensors saved for the backward (+ one recomputed block under checkpointing)
+    ema: int = 0  # bytes: an fp32 EMA copy of the parameters (FSDP: shards); 0 without one
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optim + self.working + self.activations
+        return self.params + self.grads + self.optim + self.working + self.activations + self.ema
 
 
 def _count(module: nn.Module) -> int:
@@ -207,6 +208,7 @@ def estimate_memory(
     precision: Precision,
     num_classes: int = 1000,
     model_kwargs: dict | None = None,
+    ema: bool = False,
 ) -> MemoryEstimate:
     r"""Per-GPU memory of an AdamW adversarial-training step: parameters, gradients, optimizer, activations.
 
@@ -230,9 +232,9 @@ def estimate_memory(
 
     The attack (forward plus input gradient, no weight gradients) saves the same activations and adds no
     gradients, so a training step's peak bounds it. Not modelled: allocator fragmentation and caching, kernel
-    workspaces, NCCL buffers, data-loader pinned memory, an EMA copy (add :math:`4P` or :math:`4P/W`). None of
-    these figures has been measured on a GPU; ``tests/parallel/test_memory.py`` checks them against CPU
-    measurements of small models.
+    workspaces, NCCL buffers, data-loader pinned memory. With ``ema=True`` an fp32 EMA copy adds :math:`4P`
+    (DDP) or this rank's shards, :math:`4P/W` (FSDP). None of these figures has been measured on a GPU;
+    ``tests/parallel/test_memory.py`` checks them against CPU measurements of small models.
 
     Args:
         model_name: a timm model name.
@@ -244,6 +246,7 @@ def estimate_memory(
         precision: ``"fp32"`` or ``"bf16"``.
         num_classes: head size.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``embed_dim`` of a small ViT).
+        ema: count an fp32 EMA copy of the parameters (``optim.ema_decay`` set), sharded like them under FSDP.
 
     Returns:
         :class:`MemoryEstimate` (bytes per component; ``.total``).
@@ -305,6 +308,7 @@ def estimate_memory(
         optim,
         working,
         acts,
+        params if ema else 0,
     )
 
 
@@ -323,6 +327,7 @@ def format_memory_estimate(e: MemoryEstimate) -> str:
     return (
         f"{e.model} {e.img_size}px{tok} x {e.batch_per_gpu}/GPU, {e.world} GPUs, {e.parallel}{ac}, "
         f"{e.precision}: {g(e.total)} GiB per GPU (params {g(e.params)}, grads {g(e.grads)}, "
-        f"AdamW {g(e.optim)}, working {g(e.working)}, activations {g(e.activations)}; "
+        f"AdamW {g(e.optim)}, {f'EMA {g(e.ema)}, ' if e.ema else ''}working {g(e.working)}, "
+        f"activations {g(e.activations)}; "
         f"{e.n_params / 1e6:.0f}M parameters; estimate, not measured on a GPU)"
     )

@@ -528,12 +528,14 @@ def _advxl_h_g(name: str, *, activation_checkpointing: bool, out_dir: str, path:
     scripts (timm ``vit_huge_patch14_224`` / ``vit_giant_patch14_224``, ``--gp avg``, ImageNet mean/std, 336 px).
     The paper's own tables were not read (recipes/advxl/README.md marks every value it could not check). One data
     source per run: every stage trains on ImageNet-1K here (see the README for the DataComp-1B pre-training).
-    FSDP by default (recipes/advxl/README.md, memory table).
+    FSDP by default (recipes/advxl/README.md, memory table). Optimizer, augmentation and regularization as
+    imagenet_vit_b16/_l16: MAE's from-scratch recipe (He et al. 2022, Table 11), drop path 0.2 as MAE's ViT-L/H.
     """
+    b16 = imagenet_vit_b16(path)
     return TrainConfig(
-        model=Model(name=name, num_classes=1000, drop_path=0.1, kwargs={"global_pool": "avg"}),
-        optim=Optim(lr=8e-4, weight_decay=0.05, clip_grad=1.0, ema_decay=None),
-        augment=Augment(),
+        model=Model(name=name, num_classes=1000, drop_path=0.2, kwargs={"global_pool": "avg"}),
+        optim=b16.optim,
+        augment=b16.augment,
         data=Data(kind="folder", path=path, batch_size=4096, num_workers=10, val_samples=None),
         stages=(
             Stage(

@@ -215,6 +215,7 @@ def memory(cfg: TrainConfig, world: int) -> list[str]:
         run=cfg.run,
         num_classes=cfg.model.num_classes,
         kwargs=cfg.model.kwargs,
+        ema=cfg.optim.ema_decay is not None,
     )
 
 

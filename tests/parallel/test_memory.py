@@ -106,7 +106,17 @@ def test_paper_models_parameter_counts_and_orderings():
     assert 6.3e8 < h.n_params < 6.4e8
     line = format_memory_estimate(g["fsdp", True])
     assert "vit_giant_patch14_224 224px (257 tokens) x 64/GPU, 64 GPUs, fsdp + activation checkpointing" in line
-    assert "not measured on a GPU" in line
+    assert "not measured on a GPU" in line and "EMA" not in line
+
+
+def test_an_ema_adds_one_fp32_copy_of_the_parameters_sharded_like_them():
+    kw = dict(img_size=224, batch_per_gpu=64, world=64, precision="bf16", activation_checkpointing=False)
+    for parallel in ("ddp", "fsdp"):
+        plain = estimate_memory("vit_giant_patch14_224", parallel=parallel, **kw)
+        ema = estimate_memory("vit_giant_patch14_224", parallel=parallel, ema=True, **kw)
+        assert plain.ema == 0 and ema.ema == plain.params  # DDP: 4P; FSDP: this rank's padded shards
+        assert ema.total - plain.total == plain.params
+        assert f"EMA {plain.params / 2**30:.2f}, " in format_memory_estimate(ema)
 
 
 def test_block_formula_by_hand():

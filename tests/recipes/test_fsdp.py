@@ -286,6 +286,7 @@ def test_dry_run_prints_the_memory_estimate_for_the_world_and_mode(capsys):
         "vit_large_patch16_224 112px (50 tokens) x 64/GPU, 64 GPUs, fsdp + activation checkpointing, bf16" in (lines[0])
     )
     assert "224px (197 tokens)" in lines[1] and "not measured on a GPU" in lines[1]
+    assert all("EMA 0.02, " in x for x in lines)  # the preset's EMA (0.9999): 4 bytes x 304M parameters / 64
 
 
 @pytest.mark.slow
